@@ -1,0 +1,62 @@
+"""tl_steer: steer a TransformerLens model at its hook points, and measure what the steering cost.
+
+Every method returns an :class:`Intervention`, addressed by TransformerLens hook names and scaled by
+one strength ``m`` (``m = 0`` is exactly the clean model)::
+
+    import tl_steer
+    model = tl_steer.load_default_model()
+    pairs = tl_steer.load_pairs("sentiment")
+    vector = tl_steer.diffmean(model, pairs, "blocks.15.hook_resid_post")
+    with tl_steer.steer(model, vector, m=4.0):
+        print(model.generate("I went to the cinema and", max_new_tokens=20))
+"""
+
+from tl_steer.data import ContrastivePair, builtin_concepts, load_pairs, read_pairs
+from tl_steer.errors import (
+    DataError,
+    FileFormatError,
+    HookNameError,
+    MissingDependencyError,
+    ModelMismatchError,
+    ShapeError,
+    TlSteerError,
+)
+from tl_steer.hookpoints import get_act_name
+from tl_steer.interventions import AddVector, Intervention
+from tl_steer.io import load, read_metadata, save
+from tl_steer.methods import diffmean
+from tl_steer.models import hooked_from_hf, load_default_model, model_identity
+from tl_steer.positions import PositionPolicy, prompt_boundary
+from tl_steer.scoring import completion_nll, pair_nll
+from tl_steer.steering import steer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddVector",
+    "ContrastivePair",
+    "DataError",
+    "FileFormatError",
+    "HookNameError",
+    "Intervention",
+    "MissingDependencyError",
+    "ModelMismatchError",
+    "PositionPolicy",
+    "ShapeError",
+    "TlSteerError",
+    "builtin_concepts",
+    "completion_nll",
+    "diffmean",
+    "get_act_name",
+    "hooked_from_hf",
+    "load",
+    "load_default_model",
+    "load_pairs",
+    "model_identity",
+    "pair_nll",
+    "prompt_boundary",
+    "read_metadata",
+    "read_pairs",
+    "save",
+    "steer",
+]

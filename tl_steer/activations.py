@@ -1,0 +1,54 @@
+"""Reading activations at a hook over the completion tokens of many texts, in padded batches."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from tl_steer.hookpoints import HookSite, validate_hook
+from tl_steer.scoring import Tokenized, batches, pad_right
+
+Reduce = Literal["mean", "last"]
+
+
+def completion_activations(
+    model: HookedTransformer,
+    data: Tokenized,
+    hook: str,
+    *,
+    reduce: Reduce = "mean",
+    batch_size: int = 16,
+) -> Float[Tensor, "n d"]:
+    """The activation at ``hook`` for each item, averaged over its completion tokens (``"mean"``) or
+    taken at its last token (``"last"``); float32, in the input order, on the CPU.
+
+    The forward pass stops after the hook's block (``stop_at_layer``), so later layers cost nothing.
+    """
+    validate_hook(model, hook)
+    if reduce not in ("mean", "last"):
+        raise ValueError(f"reduce must be 'mean' or 'last', got {reduce!r}")
+    site = HookSite.parse(hook)
+    stop = site.layer + 1 if site.layer is not None and site.layer + 1 < model.cfg.n_layers else None
+    pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    lengths = [len(s) for s in data.sequences]
+    rows: dict[int, Tensor] = {}
+    for idx in batches(lengths, batch_size):
+        tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device)
+        captured: list[Tensor] = []
+
+        def capture(act: Tensor, hook: HookPoint) -> None:
+            captured.append(act.detach())
+
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[(hook, capture)], stop_at_layer=stop, return_type=None)
+        acts = captured[0].float()
+        for row, i in enumerate(idx):
+            start, end = data.starts[i], lengths[i]
+            span = acts[row, start:end] if reduce == "mean" else acts[row, end - 1 : end]
+            rows[i] = span.mean(0).cpu()
+    return torch.stack([rows[i] for i in range(len(data))])

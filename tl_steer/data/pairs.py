@@ -1,0 +1,118 @@
+"""Contrastive pairs: one prompt with a concept-positive and a concept-negative completion."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from tl_steer.errors import DataError
+
+_FIELDS = ("prompt", "positive", "negative")
+
+
+@dataclass(frozen=True)
+class ContrastivePair:
+    """``prompt`` followed by ``positive`` (shows the concept) or ``negative`` (shows its opposite).
+
+    The scored text is ``prompt + completion`` as given: put the separating space at the start of the
+    completion, as the built-in datasets do.
+    """
+
+    prompt: str
+    positive: str
+    negative: str
+
+    def __post_init__(self) -> None:
+        for name in _FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise DataError(f"ContrastivePair.{name} must be a string, got {type(value).__name__}")
+        if not self.positive.strip() or not self.negative.strip():
+            raise DataError("ContrastivePair needs non-empty positive and negative completions")
+        if self.positive == self.negative:
+            raise DataError(f"ContrastivePair has identical completions: {self.positive!r}")
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def check_pairs(pairs: object) -> list[ContrastivePair]:
+    """Return ``pairs`` as a list, raising :class:`DataError` if it is empty or holds other things."""
+    if isinstance(pairs, ContrastivePair):
+        return [pairs]
+    try:
+        items = list(pairs)  # type: ignore[call-overload]
+    except TypeError as exc:
+        raise DataError(f"expected a list of ContrastivePair, got {type(pairs).__name__}") from exc
+    if not items:
+        raise DataError("the list of pairs is empty; give at least one ContrastivePair")
+    for i, item in enumerate(items):
+        if not isinstance(item, ContrastivePair):
+            raise DataError(f"item {i} is a {type(item).__name__}, not a ContrastivePair")
+    return items
+
+
+def read_pairs(path: str | Path) -> list[ContrastivePair]:
+    """Read contrastive pairs from a JSON Lines file with fields ``prompt``, ``positive``, ``negative``.
+
+    Every line is validated; an error names the file, the line and the problem (bad JSON, a missing,
+    non-string or empty field, identical completions). Blank lines are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such pairs file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with fields {', '.join(_FIELDS)}")
+        for name in _FIELDS:
+            if name not in record:
+                raise DataError(f"{where}: missing field {name!r}")
+            if not isinstance(record[name], str):
+                raise DataError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
+        if not record["prompt"].strip():
+            raise DataError(f"{where}: field 'prompt' is empty")
+        try:
+            pairs.append(ContrastivePair(record["prompt"], record["positive"], record["negative"]))
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from exc
+    if not pairs:
+        raise DataError(f"{path}: no pairs in the file")
+    return pairs
+
+
+def builtin_concepts() -> list[str]:
+    """Names of the built-in concepts, for :func:`load_pairs`."""
+    folder = resources.files("tl_steer.data") / "builtin"
+    return sorted({p.name.rsplit("_", 1)[0] for p in folder.iterdir() if p.name.endswith("_train.jsonl")})
+
+
+def load_pairs(name: str, split: Literal["train", "test"] = "train") -> list[ContrastivePair]:
+    """A built-in dataset of contrastive pairs, with its fixed train/test split.
+
+    Concepts: ``sentiment`` (positive vs negative), ``formality`` (formal vs casual register),
+    ``refusal`` (an assistant declining vs complying); 100 train and 40 test pairs each, written for
+    this project. See :func:`builtin_concepts`.
+    """
+    concepts = builtin_concepts()
+    if name not in concepts:
+        raise DataError(f"unknown built-in concept {name!r}; choose one of {', '.join(concepts)}")
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    resource = resources.files("tl_steer.data") / "builtin" / f"{name}_{split}.jsonl"
+    with resources.as_file(resource) as path:
+        return read_pairs(path)

@@ -1,0 +1,39 @@
+"""The errors tl_steer raises on bad input.
+
+Every error a user can trigger with bad input is a :class:`TlSteerError`; the subclasses also derive from
+the built-in exception a Python user would expect (``ValueError``, ``FileNotFoundError`` ...), so
+``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class TlSteerError(Exception):
+    """Base class of every error tl_steer raises on purpose."""
+
+
+class HookNameError(TlSteerError, KeyError):
+    """A hook name that the model does not have."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly.
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeError(TlSteerError, ValueError):
+    """A tensor of the wrong width or rank for where it is used."""
+
+
+class DataError(TlSteerError, ValueError):
+    """A data file or a list of examples that is malformed or empty."""
+
+
+class ModelMismatchError(TlSteerError, ValueError):
+    """A saved object made for another model than the one it is used with."""
+
+
+class FileFormatError(TlSteerError, ValueError):
+    """A file that is not what it claims to be."""
+
+
+class MissingDependencyError(TlSteerError, ImportError):
+    """An optional package that a function needs is not installed."""

@@ -1,0 +1,94 @@
+"""Hook names: validation with helpful errors, and where a hook sits inside a block.
+
+All model-facing knowledge of TransformerLens' naming lives here, so that a bridge backend
+(TransformerLens 4's ``TransformerBridge``) can be added in one place later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from transformer_lens import HookedTransformer
+
+from tl_steer.errors import HookNameError
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# Hooks of a block that fire before its attention scores are computed. A position policy at these
+# hooks learns the KV-cache offset from the previous block's attention (see positions.py).
+_PRE_ATTENTION = (
+    "hook_resid_pre",
+    "ln1.",
+    "hook_attn_in",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.hook_attn_scores",
+)
+
+
+def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """TransformerLens' ``get_act_name``, from wherever this TransformerLens version keeps it."""
+    try:
+        from transformer_lens.utilities import get_act_name as impl
+    except ImportError:  # TransformerLens 2.x
+        from transformer_lens.utils import get_act_name as impl
+    return impl(name, layer, layer_type)
+
+
+def validate_hook(model: HookedTransformer, name: str) -> str:
+    """Return ``name`` if the model has that hook point, else raise with the closest valid names."""
+    if not isinstance(name, str):
+        raise HookNameError(f"a hook name must be a string like 'blocks.6.hook_resid_post', got {name!r}")
+    hook_dict = model.hook_dict
+    if name in hook_dict:
+        return name
+    close = difflib.get_close_matches(name, list(hook_dict), n=5, cutoff=0.5)
+    hint = f" Closest valid names: {', '.join(close)}." if close else ""
+    raise HookNameError(
+        f"The model has no hook point {name!r}.{hint} "
+        f"Hook names follow TransformerLens, e.g. 'blocks.{model.cfg.n_layers // 2}.hook_resid_post'."
+    )
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """Where a hook point sits: its block (``None`` outside blocks) and whether it fires before the
+    block's attention scores."""
+
+    name: str
+    layer: int | None
+    pre_attention: bool
+
+    @classmethod
+    def parse(cls, name: str) -> HookSite:
+        match = _BLOCK.match(name)
+        if match is None:
+            return cls(name=name, layer=None, pre_attention=True)
+        rest = match.group(2)
+        return cls(name=name, layer=int(match.group(1)), pre_attention=rest.startswith(_PRE_ATTENTION))
+
+    def first_layer(self, n_layers: int) -> int:
+        """The first layer whose computation this hook can change (for ``start_at_layer`` caching)."""
+        if self.layer is None:
+            return n_layers if self.name.startswith(("ln_final", "unembed")) else 0
+        return self.layer
+
+    def offset_source(self, n_layers: int) -> str | None:
+        """The attention-scores hook from which this hook learns the KV-cache offset, if any.
+
+        ``hook_attn_scores`` has shape [batch, head, query_pos, key_pos] with key_pos = offset +
+        query_pos under a KV cache, and fires in every forward pass before hooks later in the block.
+        ``None`` for hooks that fire before any attention (the embeddings, block 0 before attention).
+        """
+        if self.layer is None:
+            last = n_layers - 1
+            return f"blocks.{last}.attn.hook_attn_scores" if self.first_layer(n_layers) == n_layers else None
+        layer = self.layer - 1 if self.pre_attention else self.layer
+        return None if layer < 0 else f"blocks.{layer}.attn.hook_attn_scores"

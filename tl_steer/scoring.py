@@ -1,0 +1,200 @@
+"""Teacher-forced scoring of completions: NLL with the prompt masked, batched with padding.
+
+For a prompt q and completion A = (a_1 .. a_T) the NLL is ``-sum_t log P(a_t | q, a_<t)`` (``"sum"``)
+or that divided by T (``"mean"``, the default: length-normalised, methods.md section 2).
+
+The prompt/completion boundary is found on token ids: the full text ``prompt + completion`` is
+tokenized once, and the completion starts at the first token where it differs from the tokenization of
+the prompt alone, so a token that merges across the boundary counts as completion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tl_steer.data.pairs import ContrastivePair, check_pairs
+from tl_steer.errors import DataError
+from tl_steer.interventions import Intervention
+from tl_steer.positions import prompt_boundary
+from tl_steer.steering import steer
+
+Reduction = Literal["mean", "sum"]
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of prompt + completion, and where each completion starts (its first token index)."""
+
+    sequences: list[list[int]]
+    starts: list[int]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+def format_prompt(model: HookedTransformer, prompt: str, chat: bool) -> str:
+    """The prompt as the model sees it: as given, or wrapped in the tokenizer's chat template as a user
+    turn followed by the assistant header (``chat=True``)."""
+    if not chat:
+        return prompt
+    tokenizer = model.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat=True needs a tokenizer with a chat template")
+    return str(
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    )
+
+
+def tokenize_completions(
+    model: HookedTransformer, prompts: Sequence[str], completions: Sequence[str], *, chat: bool = False
+) -> Tokenized:
+    """Tokenize each ``prompt + completion`` and find the completion boundary on token ids.
+
+    A BOS token is prepended when ``model.cfg.default_prepend_bos`` is set. With ``chat=True`` the prompt
+    is wrapped in the chat template and leading whitespace of the completion is dropped.
+    """
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError("scoring needs a model with a tokenizer")
+    if len(prompts) != len(completions):
+        raise DataError(f"{len(prompts)} prompts but {len(completions)} completions")
+    bos = [tokenizer.bos_token_id] if model.cfg.default_prepend_bos and tokenizer.bos_token_id is not None else []
+    sequences, starts = [], []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        text_prompt = format_prompt(model, prompt, chat)
+        text_completion = completion.lstrip() if chat else completion
+        p_ids = bos + tokenizer(text_prompt, add_special_tokens=False).input_ids
+        full = bos + tokenizer(text_prompt + text_completion, add_special_tokens=False).input_ids
+        start = 0
+        limit = min(len(p_ids), len(full))
+        while start < limit and p_ids[start] == full[start]:
+            start += 1
+        if start >= len(full):
+            raise DataError(f"item {i}: the completion {completion!r} is empty after tokenization")
+        if start == 0:
+            raise DataError(f"item {i}: the prompt {prompt!r} is empty after tokenization; give a prompt or set prepend_bos")
+        if len(full) > model.cfg.n_ctx:
+            raise DataError(f"item {i}: {len(full)} tokens exceed the model's context of {model.cfg.n_ctx}")
+        sequences.append(full)
+        starts.append(start)
+    return Tokenized(sequences, starts)
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> Int[Tensor, "batch pos"]:
+    """Right-pad token lists into one tensor. Causal attention never lets a real token see a pad to
+    its right, so no attention mask is needed and real positions are computed exactly."""
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return out.to(device)
+
+
+def nll_from_logits(
+    logits: Float[Tensor, "batch pos vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    starts: Int[Tensor, " batch"],
+    lengths: Int[Tensor, " batch"],
+    reduction: Reduction = "mean",
+) -> Float[Tensor, " batch"]:
+    """NLL of tokens[b, starts[b]:lengths[b]] given the logits one position earlier."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = tokens[:, 1:]
+    token_lp = logprobs.gather(-1, target[..., None])[..., 0]
+    pos = torch.arange(1, tokens.shape[1], device=tokens.device)[None]
+    mask = (pos >= starts[:, None]) & (pos < lengths[:, None])
+    total = -(token_lp * mask).sum(-1)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / mask.sum(-1)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), to waste little on padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def score_tokenized(
+    model: HookedTransformer,
+    data: Tokenized,
+    *,
+    reduction: Reduction = "mean",
+    batch_size: int = 16,
+    forward: Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch pos vocab"]] | None = None,
+) -> Float[Tensor, " n"]:
+    """Completion NLL of every item of ``data``, computed in padded batches, in the input order.
+
+    ``forward`` maps tokens to logits (default: the model's forward pass); the prompt boundary of each
+    row is declared for position policies while it runs.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    run = forward or (lambda tokens: model(tokens, return_type="logits"))
+    pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    out = torch.empty(len(data), dtype=torch.float32)
+    lengths = [len(s) for s in data.sequences]
+    for idx in batches(lengths, batch_size):
+        tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device)
+        starts = torch.as_tensor([data.starts[i] for i in idx], device=tokens.device)
+        lens = torch.as_tensor([lengths[i] for i in idx], device=tokens.device)
+        with prompt_boundary(starts):
+            logits = run(tokens)
+        out[idx] = nll_from_logits(logits, tokens, starts, lens, reduction).detach().float().cpu()
+    return out
+
+
+def completion_nll(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    interventions: Sequence[Intervention] = (),
+    m: float | Sequence[float] = 1.0,
+    reduction: Reduction = "mean",
+    batch_size: int = 16,
+    chat: bool = False,
+) -> Float[Tensor, " n"]:
+    """Teacher-forced NLL of each completion after its prompt, optionally while steered.
+
+    Returns a float32 tensor of shape [n]: mean NLL per completion token (default) or the sum.
+    """
+    data = tokenize_completions(model, prompts, completions, chat=chat)
+    with ExitStack() as stack, torch.no_grad():
+        if interventions:
+            stack.enter_context(steer(model, *interventions, m=m))
+        return score_tokenized(model, data, reduction=reduction, batch_size=batch_size)
+
+
+def pair_nll(
+    model: HookedTransformer,
+    pairs: Sequence[ContrastivePair],
+    *,
+    interventions: Sequence[Intervention] = (),
+    m: float | Sequence[float] = 1.0,
+    reduction: Reduction = "mean",
+    batch_size: int = 16,
+    chat: bool = False,
+) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
+    """(L_p, L_n): the NLL of each pair's positive and negative completion, both in one batched run."""
+    items = check_pairs(pairs)
+    prompts = [p.prompt for p in items] * 2
+    completions = [p.positive for p in items] + [p.negative for p in items]
+    nll = completion_nll(
+        model, prompts, completions, interventions=interventions, m=m,
+        reduction=reduction, batch_size=batch_size, chat=chat,
+    )
+    n = len(items)
+    return nll[:n], nll[n:]

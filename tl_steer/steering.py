@@ -1,0 +1,96 @@
+"""Applying interventions to a model: the ``steer`` context manager.
+
+``with steer(model, intervention, m=4.0): model.generate(...)`` installs the intervention's hooks with
+TransformerLens' own ``model.hooks`` context (TransformerLens 3.x ``generate`` takes no hooks argument),
+and removes every hook it added when the block ends, also when the block raises. Everything is checked
+before the first hook goes on, so a bad intervention leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from transformer_lens import HookedTransformer
+
+from tl_steer.interventions import HookFn, Intervention, check_strength
+from tl_steer.positions import prompt_boundary
+
+
+def strengths(interventions: Sequence[Intervention], m: float | Sequence[float]) -> list[float]:
+    """One checked strength per intervention: a single m for all, or one each."""
+    if isinstance(m, (list, tuple)):
+        if len(m) != len(interventions):
+            raise ValueError(f"got {len(m)} strengths for {len(interventions)} interventions")
+        return [check_strength(x) for x in m]
+    return [check_strength(m)] * len(interventions)  # type: ignore[arg-type]
+
+
+def build_hooks(
+    model: HookedTransformer,
+    interventions: Sequence[Intervention],
+    m: float | Sequence[float] = 1.0,
+    *,
+    check: bool = True,
+) -> list[tuple[str, HookFn]]:
+    """Validate the interventions against the model and return their combined ``fwd_hooks``."""
+    if not interventions:
+        raise ValueError("steer needs at least one intervention")
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise TypeError(f"expected an Intervention, got {type(iv).__name__}")
+    ms = strengths(interventions, m)
+    if check:
+        for iv in interventions:
+            iv.check(model)
+    hooks: list[tuple[str, HookFn]] = []
+    for iv, mi in zip(interventions, ms):
+        hooks.extend(iv.hooks(mi, n_layers=model.cfg.n_layers))
+    return hooks
+
+
+@contextmanager
+def steer(
+    model: HookedTransformer,
+    *interventions: Intervention,
+    m: float | Sequence[float] = 1.0,
+    check: bool = True,
+) -> Iterator[HookedTransformer]:
+    """Steer ``model`` with one or more interventions at strength ``m`` inside a ``with`` block.
+
+    Args:
+        model: a HookedTransformer.
+        *interventions: the interventions; they compose (applied in the order given).
+        m: one strength for all, or one per intervention. ``m = 0`` is the clean model.
+        check: validate hook names, widths and model identity first (default True).
+
+    Inside the block, ``model.generate`` declares its prompt as the prompt of the position policy, so
+    "generated" steers only generated tokens, with or without the KV cache.
+
+    Example::
+
+        with tl_steer.steer(model, vector, m=4.0):
+            print(model.generate("I think that", max_new_tokens=20))
+    """
+    fwd_hooks = build_hooks(model, interventions, m, check=check)
+    # Nested steer() blocks share the outer block's generate wrapper.
+    patched = "generate" not in vars(model)
+    if patched:
+        model.generate = _generate_with_boundary(model.generate)  # type: ignore[method-assign]
+    try:
+        with model.hooks(fwd_hooks=fwd_hooks):
+            yield model
+    finally:
+        if patched:
+            vars(model).pop("generate", None)
+
+
+def _generate_with_boundary(generate: Any) -> Any:
+    @functools.wraps(generate)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with prompt_boundary(None):
+            return generate(*args, **kwargs)
+
+    return wrapper
