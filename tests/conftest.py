@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,28 +36,50 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    # TransformerLens reloads the tokenizer from its name_or_path, so give it a folder to reload from.
+    folder = tempfile.mkdtemp(prefix="tl_steer_tok_")
+    fast.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 ARCHITECTURES = {
     # Llama style: RMSNorm, rotary, gated MLP, grouped-query attention.
     "llama": dict(
-        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, gated_mlp=True,
-        act_fn="silu", n_key_value_heads=2, final_rms=True,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        gated_mlp=True,
+        act_fn="silu",
+        n_key_value_heads=2,
+        final_rms=True,
     ),
     # GPT-2 style: LayerNorm, learned absolute positions.
     "gpt2": dict(normalization_type="LN", positional_embedding_type="standard", act_fn="gelu_new"),
 }
 
 
-def make_model(arch: str = "llama", *, seed: int = 0, d_model: int = 32, dtype: torch.dtype = torch.float64) -> HookedTransformer:
+def make_model(
+    arch: str = "llama", *, seed: int = 0, d_model: int = 32, dtype: torch.dtype = torch.float64
+) -> HookedTransformer:
     """A tiny randomly initialised HookedTransformer (3 layers), float64 by default so that
     comparisons between computation paths are exact to ~1e-12 and greedy decoding never flips on a tie."""
     tokenizer = make_tokenizer()
     cfg = HookedTransformerConfig(
-        n_layers=3, d_model=d_model, n_heads=4, d_head=d_model // 4, d_mlp=2 * d_model, n_ctx=128,
-        d_vocab=len(tokenizer), seed=seed, dtype=dtype, device="cpu", default_prepend_bos=True,
-        model_name=f"tiny-{arch}-{seed}", init_range=0.2, **ARCHITECTURES[arch],
+        n_layers=3,
+        d_model=d_model,
+        n_heads=4,
+        d_head=d_model // 4,
+        d_mlp=2 * d_model,
+        n_ctx=128,
+        d_vocab=len(tokenizer),
+        seed=seed,
+        dtype=dtype,
+        device="cpu",
+        default_prepend_bos=True,
+        model_name=f"tiny-{arch}-{seed}",
+        initializer_range=0.2,
+        **ARCHITECTURES[arch],
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
     model.eval()

@@ -11,7 +11,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.hookpoints import HookSite, validate_hook
-from tl_steer.scoring import Tokenized, batches, pad_right
+from tl_steer.scoring import Tokenized, batches, pad_right, pad_token_id
 
 Reduce = Literal["mean", "last"]
 
@@ -34,16 +34,17 @@ def completion_activations(
         raise ValueError(f"reduce must be 'mean' or 'last', got {reduce!r}")
     site = HookSite.parse(hook)
     stop = site.layer + 1 if site.layer is not None and site.layer + 1 < model.cfg.n_layers else None
-    pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(model)
     lengths = [len(s) for s in data.sequences]
     rows: dict[int, Tensor] = {}
+    captured: list[Tensor] = []
+
+    def capture(act: Tensor, hook: HookPoint) -> None:
+        captured.append(act.detach())
+
     for idx in batches(lengths, batch_size):
-        tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device)
-        captured: list[Tensor] = []
-
-        def capture(act: Tensor, hook: HookPoint) -> None:
-            captured.append(act.detach())
-
+        tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device or "cpu")
+        captured.clear()
         with torch.no_grad():
             model.run_with_hooks(tokens, fwd_hooks=[(hook, capture)], stop_at_layer=stop, return_type=None)
         acts = captured[0].float()

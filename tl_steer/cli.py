@@ -102,7 +102,16 @@ def _sweep(args: argparse.Namespace) -> int:
         lp, ln = pair_nll(model, test, interventions=[vector], m=m)
         pref = (ln - lp).numpy().astype(np.float64)
         lo, hi = bootstrap_ci(pref, seed=args.seed)
-        rows.append({"m": m, "pref_odds": pref.mean(), "ci_low": lo, "ci_high": hi, "L_p": float(lp.mean()), "L_n": float(ln.mean())})
+        rows.append(
+            {
+                "m": m,
+                "pref_odds": pref.mean(),
+                "ci_low": lo,
+                "ci_high": hi,
+                "L_p": float(lp.mean()),
+                "L_n": float(ln.mean()),
+            }
+        )
     table = pd.DataFrame(rows)
     print()
     print("Mean preference log-odds PrefOdds = L_n - L_p (nats per token), 95% bootstrap CI")

@@ -143,13 +143,13 @@ class Intervention(ABC):
     def check(self, model: HookedTransformer) -> None:
         """Raise before any work if this intervention does not fit ``model``.
 
-        Checks hook names (listing the closest valid ones), the width at each hook, and, when the
-        intervention records the model it was made for, that model's identity.
+        Checks, when the intervention records the model it was made for, that model's identity; then
+        the hook names (listing the closest valid ones) and the width at each hook.
         """
-        for name in self.hook_names:
-            validate_hook(model, name)
         if self.model_identity is not None:
             check_identity(self.model_identity, model)
+        for name in self.hook_names:
+            validate_hook(model, name)
         widths = hook_widths(model, self.hook_names)
         for name, width in self.widths().items():
             if widths[name] != width:

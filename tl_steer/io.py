@@ -112,7 +112,9 @@ def load(path: str | Path, model: HookedTransformer | None = None) -> Interventi
     except (KeyError, TypeError) as exc:
         raise FileFormatError(f"{path}: metadata does not match the {cls.__name__} format: {exc}") from exc
     if intervention.widths() != meta.get("widths", intervention.widths()):
-        raise FileFormatError(f"{path}: tensor widths {intervention.widths()} differ from the metadata's {meta['widths']}")
+        raise FileFormatError(
+            f"{path}: tensor widths {intervention.widths()} differ from the metadata's {meta['widths']}"
+        )
     if model is not None:
         intervention.check(model)
     return intervention

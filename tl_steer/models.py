@@ -19,8 +19,8 @@ import logging
 import os
 import tempfile
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,9 +108,7 @@ def hooked_from_hf(
     import transformer_lens.loading_from_pretrained as loading
 
     if not hasattr(hf_model, "config") or not hasattr(hf_model, "state_dict"):
-        raise TypeError(
-            f"hooked_from_hf expects a loaded Hugging Face model, got {type(hf_model).__name__}"
-        )
+        raise TypeError(f"hooked_from_hf expects a loaded Hugging Face model, got {type(hf_model).__name__}")
     dtype = dtype or next(hf_model.parameters()).dtype
     hf_config = copy.deepcopy(hf_model.config)
     quant = getattr(hf_config, "quantization_config", None)
@@ -220,9 +218,7 @@ def _convert_gguf(gguf: Path) -> tuple[HookedTransformer, Any, Any]:
     os.environ["TQDM_DISABLE"] = "1"
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     finally:
         if previous is None:
             os.environ.pop("TQDM_DISABLE", None)
@@ -244,11 +240,7 @@ def _write_cache(folder: Path, model: HookedTransformer, tokenizer: Any, hf_conf
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         # W_U is W_E transposed (tied embeddings): store it once.
-        params = {
-            name: p.detach().contiguous()
-            for name, p in model.named_parameters()
-            if name != "unembed.W_U"
-        }
+        params = {name: p.detach().contiguous() for name, p in model.named_parameters() if name != "unembed.W_U"}
         save_file(params, str(tmp / "model.safetensors"), metadata={"tied_unembed": "1"})
         for item in tmp.iterdir():
             os.replace(item, folder / item.name) if item.is_file() else _replace_dir(item, folder / item.name)

@@ -60,9 +60,7 @@ class PositionPolicy:
             return cls("mask", value.detach().clone())
         if isinstance(value, str) and value in POLICIES:
             return cls(value)
-        raise ValueError(
-            f"unknown position policy {value!r}; use one of {', '.join(POLICIES)} or a boolean mask"
-        )
+        raise ValueError(f"unknown position policy {value!r}; use one of {', '.join(POLICIES)} or a boolean mask")
 
     def to_json(self) -> str:
         if self.kind == "mask":

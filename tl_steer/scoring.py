@@ -68,7 +68,9 @@ def tokenize_completions(
         raise DataError(f"{len(prompts)} prompts but {len(completions)} completions")
     bos = [tokenizer.bos_token_id] if model.cfg.default_prepend_bos and tokenizer.bos_token_id is not None else []
     sequences, starts = [], []
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        if not completion.strip():
+            raise DataError(f"item {i}: the completion {completion!r} is empty or only whitespace")
         text_prompt = format_prompt(model, prompt, chat)
         text_completion = completion.lstrip() if chat else completion
         p_ids = bos + tokenizer(text_prompt, add_special_tokens=False).input_ids
@@ -80,12 +82,20 @@ def tokenize_completions(
         if start >= len(full):
             raise DataError(f"item {i}: the completion {completion!r} is empty after tokenization")
         if start == 0:
-            raise DataError(f"item {i}: the prompt {prompt!r} is empty after tokenization; give a prompt or set prepend_bos")
+            raise DataError(
+                f"item {i}: the prompt {prompt!r} is empty after tokenization; give a prompt or set prepend_bos"
+            )
         if len(full) > model.cfg.n_ctx:
             raise DataError(f"item {i}: {len(full)} tokens exceed the model's context of {model.cfg.n_ctx}")
         sequences.append(full)
         starts.append(start)
     return Tokenized(sequences, starts)
+
+
+def pad_token_id(model: HookedTransformer) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else 0 (padding is never attended)."""
+    tokenizer = model.tokenizer
+    return int(tokenizer.pad_token_id) if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> Int[Tensor, "batch pos"]:
@@ -143,11 +153,11 @@ def score_tokenized(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     run = forward or (lambda tokens: model(tokens, return_type="logits"))
-    pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(model)
     out = torch.empty(len(data), dtype=torch.float32)
     lengths = [len(s) for s in data.sequences]
     for idx in batches(lengths, batch_size):
-        tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device)
+        tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device or "cpu")
         starts = torch.as_tensor([data.starts[i] for i in idx], device=tokens.device)
         lens = torch.as_tensor([lengths[i] for i in idx], device=tokens.device)
         with prompt_boundary(starts):
@@ -193,8 +203,14 @@ def pair_nll(
     prompts = [p.prompt for p in items] * 2
     completions = [p.positive for p in items] + [p.negative for p in items]
     nll = completion_nll(
-        model, prompts, completions, interventions=interventions, m=m,
-        reduction=reduction, batch_size=batch_size, chat=chat,
+        model,
+        prompts,
+        completions,
+        interventions=interventions,
+        m=m,
+        reduction=reduction,
+        batch_size=batch_size,
+        chat=chat,
     )
     n = len(items)
     return nll[:n], nll[n:]

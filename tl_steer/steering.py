@@ -46,7 +46,7 @@ def build_hooks(
         for iv in interventions:
             iv.check(model)
     hooks: list[tuple[str, HookFn]] = []
-    for iv, mi in zip(interventions, ms):
+    for iv, mi in zip(interventions, ms, strict=True):
         hooks.extend(iv.hooks(mi, n_layers=model.cfg.n_layers))
     return hooks
 
@@ -80,7 +80,7 @@ def steer(
     if patched:
         model.generate = _generate_with_boundary(model.generate)  # type: ignore[method-assign]
     try:
-        with model.hooks(fwd_hooks=fwd_hooks):
+        with model.hooks(fwd_hooks=list(fwd_hooks)):  # type: ignore[arg-type]
             yield model
     finally:
         if patched:
