@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 from pathlib import Path
 
@@ -248,8 +249,9 @@ def test_no_code_path_unpickles() -> None:
     root = Path(tl_steer.__file__).parent
     sources = sorted(root.rglob("*.py"))
     assert len(sources) >= 10  # the package itself was found
+    # "pickle" as a word (the io docstring's "unpickled" is prose), and the loaders that unpickle.
+    banned = re.compile(r"\bc?pickle\b|\bdill\b|\bjoblib\b|torch\.load\(|allow_pickle|pickle_module")
     for source in sources:
-        text = source.read_text(encoding="utf-8")
-        code = "\n".join(line for line in text.splitlines() if "Nothing is ever unpickled" not in line)
-        assert "pickle" not in code, source
-        assert "torch.load(" not in code, source
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+            assert not banned.search(line), f"{source}:{number}: {line.strip()}"
+    assert banned.search("import pickle") and banned.search("x = torch.load(f)")

