@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+import tl_steer.models
 from tl_steer import cli
+
+
+@pytest.fixture(autouse=True)
+def no_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test here may load the default model (slow); fail loudly if one tries."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("test_cli must not load the default model")
+
+    monkeypatch.setattr(tl_steer.models, "load_default_model", refuse)
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str, str]:
@@ -57,7 +70,7 @@ def test_bad_strengths_are_argparse_errors(capsys: pytest.CaptureFixture[str], m
 
 
 def test_concept_and_pairs_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(["sweep", "--concept", "sentiment", "--pairs", "p.jsonl"], capsys)
+    code, _, err = run_cli(["sweep", "--concept", "formality", "--pairs", "p.jsonl"], capsys)
     assert code == 2
     assert "not allowed with argument" in err
 
@@ -70,3 +83,33 @@ def test_good_strengths_parse() -> None:
     defaults = cli.build_parser().parse_args(["sweep"])
     assert defaults.ms == [-2.0, -1.0, 0.0, 1.0, 2.0]
     assert defaults.pairs is None and defaults.layer is None
+
+
+# Bad data is reported before the default model is loaded, so these run fast and offline.
+
+
+def test_unknown_concept_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["sweep", "--concept", "sarcasm"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("tl-steer: error: unknown built-in concept 'sarcasm'")
+    assert "sentiment" in err and "Traceback" not in err
+    assert out == ""
+
+
+def test_missing_pairs_file_is_a_clean_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    missing = tmp_path / "missing.jsonl"
+    assert cli.main(["sweep", "--pairs", str(missing)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("tl-steer: error: no such pairs file")
+    assert str(missing) in err
+    assert out == ""
+
+
+def test_bad_pairs_file_is_a_clean_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "positive": " b", "negative": " b"}\n', encoding="utf-8")
+    assert cli.main(["sweep", "--pairs", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("tl-steer: error: ")
+    assert f"{bad}, line 1" in err and "identical completions" in err
+    assert out == ""

@@ -12,8 +12,12 @@ from tl_steer import ContrastivePair, DataError, load_pairs, read_pairs
 
 GOOD = [
     {"prompt": "The food was", "positive": " wonderful and fresh.", "negative": " awful and stale."},
-    {"prompt": "Caf\u00e9 review:", "positive": " lovely cr\u00e8me br\u00fbl\u00e9e \U0001f600", "negative": " sad cr\u00e8me br\u00fbl\u00e9e"},
-    {"prompt": "Line with \"quotes\"\tand tab", "positive": " yes\nno", "negative": " no\nyes"},
+    {
+        "prompt": "Caf\u00e9 review:",
+        "positive": " lovely cr\u00e8me br\u00fbl\u00e9e \U0001f600",
+        "negative": " sad cr\u00e8me br\u00fbl\u00e9e",
+    },
+    {"prompt": 'Line with "quotes"\tand tab', "positive": " yes\nno", "negative": " no\nyes"},
 ]
 
 

@@ -125,7 +125,7 @@ def test_boundary_on_token_ids_when_tokens_merge(tiny) -> None:
     f_ids = tok(prompt + completion, add_special_tokens=False).input_ids
     assert p_ids[-1] != f_ids[-1]  # "wor" vs the merged " world"
     assert f_ids[: len(p_ids)] != p_ids  # the full tokenization does not extend the prompt's
-    first_diff = next(i for i, (a, b) in enumerate(zip(p_ids, f_ids)) if a != b)
+    first_diff = next(i for i, (a, b) in enumerate(zip(p_ids, f_ids, strict=False)) if a != b)
 
     data = tokenize_completions(tiny, [prompt], [completion])
     assert data.sequences == [[tok.bos_token_id, *f_ids]]

@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sweep":
             return _sweep(args)
-    except TlSteerError as exc:
+    except (TlSteerError, FileNotFoundError) as exc:
         print(f"tl-steer: error: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -119,6 +119,9 @@ def hooked_from_hf(
             del hf_config.quantization_config
     if not getattr(hf_config, "architectures", None):
         hf_config.architectures = [type(hf_model).__name__]
+    if "n_positions" in hf_config.to_dict() and "n_ctx" not in hf_config.to_dict():
+        # TransformerLens' GPT-2 conversion reads n_ctx, which transformers 5 no longer writes.
+        hf_config.n_ctx = hf_config.n_positions
     if default_prepend_bos is None:
         probe = tokenizer("a", add_special_tokens=True).input_ids
         default_prepend_bos = bool(probe) and probe[0] == tokenizer.bos_token_id
