@@ -188,6 +188,14 @@ def test_safetensors_without_tl_steer_metadata(tmp_path: Path) -> None:
         tl_steer.load(other_meta)
 
 
+@pytest.mark.parametrize("header", [b'{"__metadata__": [1]}', b'{"__metadata__": "x"}', b"[1, 2]", b"null"])
+def test_header_of_the_wrong_shape(tmp_path: Path, header: bytes) -> None:
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(FileFormatError, match="not a tl_steer intervention"):
+        tl_steer.load(path)
+
+
 def write_with_meta(path: Path, meta: dict | str) -> Path:
     text = meta if isinstance(meta, str) else json.dumps(meta)
     save_file({"vector": torch.ones(4)}, str(path), metadata={"tl_steer": text})

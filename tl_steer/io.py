@@ -70,7 +70,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FileFormatError(f"{path} is not a safetensors file (header is not JSON: {exc})") from exc
-    text = header.get("__metadata__", {}).get("tl_steer") if isinstance(header, dict) else None
+    block = header.get("__metadata__") if isinstance(header, dict) else None
+    text = block.get("tl_steer") if isinstance(block, dict) else None
     if not isinstance(text, str):
         raise FileFormatError(f"{path} is a safetensors file but not a tl_steer intervention (no 'tl_steer' metadata)")
     try:
