@@ -40,7 +40,7 @@ def test_sweep_help_describes_prefodds(capsys: pytest.CaptureFixture[str]) -> No
     assert "usage: tl-steer sweep" in out
     assert "PrefOdds" in out
     assert "L_n - L_p" in out
-    for option in ("--concept", "--pairs", "--layer", "--ms", "--n-train", "--n-test", "--csv", "--seed"):
+    for option in ("--concept", "--pairs", "--layer", "--ms", "--n-train", "--n-test", "--out", "--seed"):
         assert option in out
 
 
@@ -81,7 +81,7 @@ def test_good_strengths_parse() -> None:
     assert args.layer == 3
     assert args.concept == "sentiment"
     defaults = cli.build_parser().parse_args(["sweep"])
-    assert defaults.ms == [-2.0, -1.0, 0.0, 1.0, 2.0]
+    assert defaults.ms == [-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
     assert defaults.pairs is None and defaults.layer is None
 
 
@@ -113,3 +113,12 @@ def test_bad_pairs_file_is_a_clean_error(capsys: pytest.CaptureFixture[str], tmp
     assert err.startswith("tl-steer: error: ")
     assert f"{bad}, line 1" in err and "identical completions" in err
     assert out == ""
+
+
+def test_unwritable_output_directory_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = cli.main(["sweep", "--out", str(blocker / "sub")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot write to the output directory" in err

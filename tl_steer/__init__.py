@@ -11,6 +11,7 @@ one strength ``m`` (``m = 0`` is exactly the clean model)::
         print(model.generate("I went to the cinema and", max_new_tokens=20))
 """
 
+from tl_steer.analysis.preference_utility import PreferenceUtilityResult, preference_utility
 from tl_steer.data import ContrastivePair, builtin_concepts, load_pairs, read_pairs
 from tl_steer.errors import (
     DataError,
@@ -42,6 +43,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelMismatchError",
     "PositionPolicy",
+    "PreferenceUtilityResult",
     "ShapeError",
     "TlSteerError",
     "builtin_concepts",
@@ -54,6 +56,7 @@ __all__ = [
     "load_pairs",
     "model_identity",
     "pair_nll",
+    "preference_utility",
     "prompt_boundary",
     "read_metadata",
     "read_pairs",

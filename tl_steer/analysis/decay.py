@@ -102,7 +102,22 @@ def fit_decay(m: np.ndarray, y: np.ndarray, kind: Kind = "pref") -> DecayFit:
             bounds.append((-100 * spread - 100, 100 * spread + 100))
     y0 = float(np.interp(0.0, x, y))
     slope = float(np.polyfit(x[np.abs(x) <= 0.5], y[np.abs(x) <= 0.5], 1)[0]) if (np.abs(x) <= 0.5).sum() >= 2 else 0.0
-    best: tuple[float, np.ndarray] | None = None
+    constraint = [{"type": "eq", "fun": continuity}]
+
+    def solve(theta0: np.ndarray, maxiter: int) -> tuple[float, np.ndarray]:
+        res = minimize(
+            sse,
+            theta0,
+            method="SLSQP",
+            bounds=bounds,
+            constraints=constraint,
+            options={"maxiter": maxiter, "ftol": 1e-14},
+        )
+        feasible = abs(continuity(res.x)) < 1e-6
+        return (float(res.fun) if feasible else float("inf")), res.x
+
+    # Screen many starting points briefly, then polish the best two.
+    screened = []
     for b0, width, power, shift in itertools.product(
         (float(y.min()), float(y.mean())), (0.1, 1.0), (0.5, 2.0), (0.0, 0.3)
     ):
@@ -117,17 +132,11 @@ def fit_decay(m: np.ndarray, y: np.ndarray, kind: Kind = "pref") -> DecayFit:
             "L_minus": width,
             "p_minus": power,
         }
-        theta0 = np.array([start[n] for n in names])
-        res = minimize(
-            sse,
-            theta0,
-            method="SLSQP",
-            bounds=bounds,
-            constraints=[{"type": "eq", "fun": continuity}],
-            options={"maxiter": 2000, "ftol": 1e-14},
-        )
-        if abs(continuity(res.x)) < 1e-6 and (best is None or res.fun < best[0]):
-            best = (float(res.fun), res.x)
+        screened.append(solve(np.array([start[n] for n in names]), maxiter=60))
+    screened.sort(key=lambda item: item[0])
+    polished = [solve(theta, maxiter=3000) for _, theta in screened[:2]]
+    finite = [item for item in polished + screened if np.isfinite(item[0])]
+    best = min(finite, key=lambda item: item[0]) if finite else None
     if best is None:
         raise RuntimeError("the decay fit did not converge from any starting point")
     params = unpack(best[1])
