@@ -91,3 +91,15 @@ def test_saved_vector_refuses_another_model(default_model, tmp_path):
     assert tl_steer.read_metadata(path)["model_identity"]["d_model"] == 576
     with pytest.raises(tl_steer.ModelMismatchError, match="d_model"):
         tl_steer.load(path, model=make_model("llama"))
+
+
+def test_chat_template_boundary_on_token_ids(default_model):
+    from tl_steer.scoring import tokenize_completions
+
+    data = tokenize_completions(default_model, ["Say hello."], [" Hello there!"], chat=True)
+    tokens, start = data.sequences[0], data.starts[0]
+    tokenizer = default_model.tokenizer
+    assert tokenizer.decode(tokens[:start]).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(tokens[start:]) == "Hello there!"
+    plain = tokenize_completions(default_model, ["Say hello."], [" Hello there!"])
+    assert tokenizer.decode(plain.sequences[0][plain.starts[0] :]) == " Hello there!"
