@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from tl_steer.data.jsonl import read_records
 from tl_steer.errors import DataError
 
 _FIELDS = ("prompt", "positive", "negative")
@@ -61,38 +61,13 @@ def read_pairs(path: str | Path) -> list[ContrastivePair]:
     Every line is validated; an error names the file, the line and the problem (bad JSON, a missing,
     non-string or empty field, identical completions). Blank lines are skipped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such pairs file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    pairs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object with fields {', '.join(_FIELDS)}")
-        for name in _FIELDS:
-            if name not in record:
-                raise DataError(f"{where}: missing field {name!r}")
-            if not isinstance(record[name], str):
-                raise DataError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
-        if not record["prompt"].strip():
-            raise DataError(f"{where}: field 'prompt' is empty")
-        try:
-            pairs.append(ContrastivePair(record["prompt"], record["positive"], record["negative"]))
-        except DataError as exc:
-            raise DataError(f"{where}: {exc}") from exc
-    if not pairs:
-        raise DataError(f"{path}: no pairs in the file")
-    return pairs
+    return read_records(path, _FIELDS, _pair_from_file, what="pairs")
+
+
+def _pair_from_file(prompt: str, positive: str, negative: str) -> ContrastivePair:
+    if not prompt.strip():
+        raise DataError("field 'prompt' is empty")
+    return ContrastivePair(prompt, positive, negative)
 
 
 def builtin_concepts() -> list[str]:
