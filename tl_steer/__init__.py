@@ -14,6 +14,7 @@ one strength ``m`` (``m = 0`` is exactly the clean model)::
 from tl_steer.analysis.preference_utility import PreferenceUtilityResult, preference_utility
 from tl_steer.data import ContrastivePair, builtin_concepts, load_pairs, read_pairs
 from tl_steer.errors import (
+    ConfigError,
     DataError,
     FileFormatError,
     HookNameError,
@@ -25,8 +26,9 @@ from tl_steer.errors import (
 from tl_steer.hookpoints import get_act_name
 from tl_steer.interventions import AddVector, Intervention
 from tl_steer.io import load, read_metadata, save
-from tl_steer.methods import diffmean
+from tl_steer.methods import diffmean, sft, split
 from tl_steer.models import hooked_from_hf, load_default_model, model_identity
+from tl_steer.module_delta import LocalWeight, LoRA, ModuleDelta
 from tl_steer.positions import PositionPolicy, prompt_boundary
 from tl_steer.scoring import completion_nll, pair_nll
 from tl_steer.steering import steer
@@ -35,13 +37,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AddVector",
+    "ConfigError",
     "ContrastivePair",
     "DataError",
     "FileFormatError",
     "HookNameError",
     "Intervention",
+    "LoRA",
+    "LocalWeight",
     "MissingDependencyError",
     "ModelMismatchError",
+    "ModuleDelta",
     "PositionPolicy",
     "PreferenceUtilityResult",
     "ShapeError",
@@ -61,5 +67,7 @@ __all__ = [
     "read_metadata",
     "read_pairs",
     "save",
+    "sft",
+    "split",
     "steer",
 ]

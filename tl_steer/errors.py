@@ -27,6 +27,10 @@ class DataError(TlSteerError, ValueError):
     """A data file or a list of examples that is malformed or empty."""
 
 
+class ConfigError(TlSteerError, ValueError):
+    """An option out of its valid range: a layer index, a method or form name, a hyperparameter."""
+
+
 class ModelMismatchError(TlSteerError, ValueError):
     """A saved object made for another model than the one it is used with."""
 

@@ -17,7 +17,7 @@ import math
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from jaxtyping import Float
@@ -111,6 +111,20 @@ class Intervention(ABC):
         m = check_strength(m)
         if m == 0.0:
             return []
+        return self._build_hooks(m, n_layers)
+
+    def row_hooks(self, m_rows: Float[Tensor, " batch"], *, n_layers: int | None = None) -> list[tuple[str, HookFn]]:
+        """Like :meth:`hooks`, with one strength per batch row (for trainers that draw m per example).
+
+        Only for kinds whose edits use m as a factor, so that m of shape [batch, 1, 1] broadcasts
+        (AddVector, LoRA, LocalWeight).
+        """
+        if not isinstance(m_rows, Tensor) or m_rows.ndim != 1 or not torch.isfinite(m_rows).all():
+            raise ValueError("m_rows must be a finite 1-D tensor with one strength per batch row")
+        # The edits receive the tensor where they expect a float; they only multiply by it.
+        return self._build_hooks(cast(float, m_rows.view(-1, 1, 1)), n_layers)
+
+    def _build_hooks(self, m: float, n_layers: int | None) -> list[tuple[str, HookFn]]:
         hooks: list[tuple[str, HookFn]] = []
         for name, edit in self._edits():
             state = PositionState()
