@@ -11,6 +11,8 @@ one strength ``m`` (``m = 0`` is exactly the clean model)::
         print(model.generate("I went to the cinema and", max_new_tokens=20))
 """
 
+from tl_steer.analysis.manifold import ManifoldProbe
+from tl_steer.analysis.manifold_sweep import ManifoldSweepResult, manifold_sweep
 from tl_steer.analysis.preference_utility import PreferenceUtilityResult, preference_utility
 from tl_steer.data import ContrastivePair, builtin_concepts, load_pairs, read_pairs
 from tl_steer.errors import (
@@ -44,6 +46,8 @@ __all__ = [
     "HookNameError",
     "Intervention",
     "LoRA",
+    "ManifoldProbe",
+    "ManifoldSweepResult",
     "LocalWeight",
     "MissingDependencyError",
     "ModelMismatchError",
@@ -60,6 +64,7 @@ __all__ = [
     "load",
     "load_default_model",
     "load_pairs",
+    "manifold_sweep",
     "model_identity",
     "pair_nll",
     "preference_utility",

@@ -55,6 +55,15 @@ def save(intervention: Intervention, path: str | Path) -> Path:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of a saved intervention, read without loading its tensors."""
+    return read_tl_steer_header(path, FORMAT, VERSION, "intervention")
+
+
+def read_tl_steer_header(path: str | Path, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """The ``tl_steer`` JSON document in a safetensors header, checked to be format ``fmt``, ``version``.
+
+    Reads only the header (its length is checked against the file before anything is allocated) and
+    raises :class:`FileFormatError` naming the problem for anything else.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -73,15 +82,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     block = header.get("__metadata__") if isinstance(header, dict) else None
     text = block.get("tl_steer") if isinstance(block, dict) else None
     if not isinstance(text, str):
-        raise FileFormatError(f"{path} is a safetensors file but not a tl_steer intervention (no 'tl_steer' metadata)")
+        raise FileFormatError(f"{path} is a safetensors file but not a tl_steer {what} (no 'tl_steer' metadata)")
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as exc:
         raise FileFormatError(f"{path}: the tl_steer metadata is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FileFormatError(f"{path}: metadata does not describe a tl_steer intervention")
-    if meta.get("version") != VERSION:
-        raise FileFormatError(f"{path}: format version {meta.get('version')!r}; this tl_steer reads version {VERSION}")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise FileFormatError(f"{path}: metadata does not describe a tl_steer {what}")
+    if meta.get("version") != version:
+        raise FileFormatError(f"{path}: format version {meta.get('version')!r}; this tl_steer reads version {version}")
     return meta
 
 
