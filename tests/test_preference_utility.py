@@ -146,3 +146,24 @@ def test_result_fit_and_plot_overlay(tiny, tmp_path):
     assert all(0.0 <= f.r2 <= 1.0 for f in fits["add_vector"].values())
     result.plot(tmp_path / "fit.png", fit=True)
     assert (tmp_path / "fit.png").exists()
+
+
+def test_utility_range_walks_out_from_zero():
+    util = {-3.0: -9.0, -2.0: -3.5, -1.0: -3.2, 0.0: -3.0, 1.0: -3.9, 2.0: -4.5, 3.0: -3.1}
+    rows = [
+        {
+            "label": "x",
+            "m": m,
+            "pair": 0,
+            "L_p": 1.0,
+            "L_n": 1.0,
+            "pref_odds": 0.0,
+            "util_odds": u,
+            "util_clipped": False,
+        }
+        for m, u in util.items()
+    ]
+    result = tl_steer.PreferenceUtilityResult(pd.DataFrame(rows), "mean", 1e-6)
+    out = result.utility_range(within=1.0).iloc[0]
+    # -2 and -1 stay within 1 of -3.0; -3 drops out. +1 stays, +2 drops, so +3 is not reached.
+    assert (out["m_low"], out["m_high"], out["util_at_0"]) == (-2.0, 1.0, -3.0)

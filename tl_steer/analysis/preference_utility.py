@@ -111,6 +111,28 @@ class PreferenceUtilityResult:
             rows.append(row)
         return pd.DataFrame(rows).sort_values(["label", "m"], kind="stable").reset_index(drop=True)
 
+    def utility_range(self, within: float = 1.0) -> pd.DataFrame:
+        """Per label, the strengths around m = 0 where mean UtilOdds stays within ``within`` nats of its
+        m = 0 value: walking out from 0 on the grid in both directions, the last m on each side before it
+        drops further (``m_low``, ``m_high``). Needs m = 0 in the grid."""
+        rows = []
+        summary = self.summary()
+        for label in self.labels:
+            part = summary[summary["label"] == label].sort_values("m")
+            m, util = part["m"].to_numpy(), part["util_odds"].to_numpy()
+            if 0.0 not in m:
+                raise ValueError(f"{label}: the grid has no m = 0, so there is no reference utility")
+            zero = int(np.flatnonzero(m == 0.0)[0])
+            floor = util[zero] - within
+            low = zero
+            while low > 0 and util[low - 1] >= floor:
+                low -= 1
+            high = zero
+            while high < len(m) - 1 and util[high + 1] >= floor:
+                high += 1
+            rows.append({"label": label, "m_low": m[low], "m_high": m[high], "util_at_0": util[zero]})
+        return pd.DataFrame(rows)
+
     @property
     def n_clipped(self) -> int:
         """How many (pair, m) items had P_u clipped below 1."""
