@@ -11,10 +11,20 @@ one strength ``m`` (``m = 0`` is exactly the clean model)::
         print(model.generate("I went to the cinema and", max_new_tokens=20))
 """
 
+from tl_steer.analysis.ab import ab_accuracy
 from tl_steer.analysis.manifold import ManifoldProbe
 from tl_steer.analysis.manifold_sweep import ManifoldSweepResult, manifold_sweep
 from tl_steer.analysis.preference_utility import PreferenceUtilityResult, preference_utility
-from tl_steer.data import ContrastivePair, builtin_concepts, load_pairs, read_pairs
+from tl_steer.analysis.sample_efficiency import sample_efficiency
+from tl_steer.data import (
+    ABItem,
+    ContrastivePair,
+    builtin_concepts,
+    load_ab_items,
+    load_pairs,
+    read_ab_items,
+    read_pairs,
+)
 from tl_steer.errors import (
     ConfigError,
     DataError,
@@ -28,7 +38,7 @@ from tl_steer.errors import (
 from tl_steer.hookpoints import get_act_name
 from tl_steer.interventions import AddVector, Intervention
 from tl_steer.io import load, read_metadata, save
-from tl_steer.methods import diffmean, sft, split
+from tl_steer.methods import ColdFD, cold_fd, cold_kernel, diffmean, sft, split
 from tl_steer.models import hooked_from_hf, load_default_model, model_identity
 from tl_steer.module_delta import LocalWeight, LoRA, ModuleDelta
 from tl_steer.positions import PositionPolicy, prompt_boundary
@@ -38,6 +48,14 @@ from tl_steer.steering import steer
 __version__ = "0.1.0"
 
 __all__ = [
+    "ABItem",
+    "ColdFD",
+    "ab_accuracy",
+    "cold_fd",
+    "cold_kernel",
+    "load_ab_items",
+    "read_ab_items",
+    "sample_efficiency",
     "AddVector",
     "ConfigError",
     "ContrastivePair",

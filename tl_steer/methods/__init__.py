@@ -1,6 +1,7 @@
 """Steering methods. Each returns an :class:`~tl_steer.interventions.Intervention`."""
 
+from tl_steer.methods.cold import ColdFD, cold_fd, cold_kernel
 from tl_steer.methods.diffmean import diffmean
 from tl_steer.methods.split import sft, split
 
-__all__ = ["diffmean", "sft", "split"]
+__all__ = ["ColdFD", "cold_fd", "cold_kernel", "diffmean", "sft", "split"]

@@ -1,0 +1,548 @@
+"""COLD-Steer: the kernel is the activation gradient, FD/JVP match a real gradient step, one perturbed pass
+per forward pass, no parameter gradients, the model untouched, generation, save/load, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ARCHITECTURES, make_model, make_tokenizer, no_hooks_left
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+import tl_steer
+from tl_steer import ContrastivePair, DataError, HookNameError, TlSteerError
+from tl_steer.data.ab import ABItem
+from tl_steer.methods.cold import (
+    ColdFD,
+    cold_fd,
+    cold_fd_prefixes,
+    cold_kernel,
+    cold_kernel_prefixes,
+    example_losses,
+    parameters_before,
+)
+
+HOOK = "blocks.1.hook_resid_post"
+PAIRS = [
+    ContrastivePair("The film was", " wonderful and kind.", " awful and cold."),
+    ContrastivePair("I went to the market and", " bought fresh bread.", " the food was awful."),
+    ContrastivePair("hello world, the weather is", " fine today.", " cold and dirty."),
+    ContrastivePair("The staff were", " kind and friendly.", " rude."),
+]
+POSITIVE_ONLY = [(p.prompt, p.positive) for p in PAIRS]
+TEXTS = ["hello world, the weather is fine today.", "The food was awful"]
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> HookedTransformer:
+    return make_model("gpt2")
+
+
+def right_padded(model: HookedTransformer, texts=TEXTS) -> torch.Tensor:
+    return model.to_tokens(list(texts), padding_side="right")
+
+
+def capture(model: HookedTransformer, tokens: torch.Tensor, name: str, fwd_hooks=()) -> torch.Tensor:
+    seen = {}
+
+    def grab(act, hook):
+        seen["act"] = act.detach().clone()
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (name, grab)], return_type=None)
+    return seen["act"]
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def logprob(model, prompt: str, completion: str) -> torch.Tensor:
+    """log p(completion | prompt), mean over completion tokens: an unbatched, hand-written version."""
+    full = model.to_tokens(prompt + completion)
+    p_len = model.to_tokens(prompt).shape[1]
+    lp = model(full).log_softmax(-1)[0, p_len - 1 : -1]
+    return lp.gather(-1, full[0, p_len:, None]).mean()
+
+
+def hand_loss(model, example, beta=0.1) -> torch.Tensor:
+    if isinstance(example, ContrastivePair):
+        margin = logprob(model, example.prompt, example.positive) - logprob(model, example.prompt, example.negative)
+        return -F.logsigmoid(beta * margin)
+    return -logprob(model, *example)
+
+
+# ----- losses -------------------------------------------------------------------------------------
+
+
+def test_example_losses_match_hand_computation(tiny):
+    for examples in (PAIRS, POSITIVE_ONLY):
+        got = example_losses(tiny, examples, batch_size=3)
+        with torch.no_grad():
+            expected = torch.stack([hand_loss(tiny, ex) for ex in examples])
+        torch.testing.assert_close(got, expected.double(), rtol=1e-9, atol=1e-12)
+    # loss="nll" on pairs scores their positive completions.
+    torch.testing.assert_close(example_losses(tiny, PAIRS, loss="nll"), example_losses(tiny, POSITIVE_ONLY))
+
+
+# ----- COLD-Kernel: exactly the activation gradient ------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["last_prompt", "completion"])
+@pytest.mark.parametrize("examples", [PAIRS, POSITIVE_ONLY], ids=["dpo", "nll"])
+def test_kernel_is_the_gradient_wrt_the_activation(tiny, where, examples):
+    model = tiny
+    eta = 0.7
+    iv = cold_kernel(model, examples, HOOK, eta=eta, where=where, batch_size=3)
+    # Independently: one example at a time, the activation as a leaf, the loss written by hand.
+    total = torch.zeros(model.cfg.d_model, dtype=torch.float64)
+    for ex in examples:
+        prompt = ex.prompt if isinstance(ex, ContrastivePair) else ex[0]
+        completions = [ex.positive, ex.negative] if isinstance(ex, ContrastivePair) else [ex[1]]
+        leaves, lps = [], []
+        for completion in completions:
+            seen = {}
+
+            def leaf(act, hook, seen=seen):
+                seen["x"] = act.detach().requires_grad_(True)
+                return seen["x"]
+
+            full = model.to_tokens(prompt + completion)
+            p_len = model.to_tokens(prompt).shape[1]
+            logits = model.run_with_hooks(full, fwd_hooks=[(HOOK, leaf)])
+            lp = logits.log_softmax(-1)[0, p_len - 1 : -1].gather(-1, full[0, p_len:, None]).mean()
+            leaves.append((seen["x"], p_len, full.shape[1]))
+            lps.append(lp)
+        loss = -F.logsigmoid(0.1 * (lps[0] - lps[1])) if len(lps) == 2 else -lps[0]
+        grads = torch.autograd.grad(loss, [x for x, _, _ in leaves])
+        for grad, (_, p_len, length) in zip(grads, leaves, strict=True):
+            total += grad[0, p_len - 1] if where == "last_prompt" else grad[0, p_len:length].mean(0)
+    expected = -eta * total / len(examples)
+    torch.testing.assert_close(iv.vector, expected, rtol=1e-8, atol=1e-12)
+    assert iv.method == "cold_kernel" and iv.info["n_examples"] == len(examples)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_kernel_sets_no_parameter_grad_and_restores_flags(tiny):
+    model = tiny
+    first = next(model.parameters())
+    first.requires_grad_(False)  # a flag that differs from the others must come back as it was
+    try:
+        flags = [p.requires_grad for p in model.parameters()]
+        cold_kernel(model, PAIRS, HOOK)
+        cold_fd(model, PAIRS, HOOK, method="jvp")
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(p.grad is None for p in model.parameters())
+
+        # Also when the forward pass raises half-way.
+        def boom(act, hook):
+            raise RuntimeError("boom")
+
+        with model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", boom)]):
+            with pytest.raises(RuntimeError, match="boom"):
+                cold_kernel(model, PAIRS, HOOK)
+            with pytest.raises(RuntimeError, match="boom"):
+                cold_fd(model, PAIRS, HOOK)
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(p.grad is None for p in model.parameters())
+        assert no_hooks_left(model)
+    finally:
+        first.requires_grad_(True)
+
+
+# ----- COLD-FD: the change a real gradient step makes -----------------------------------------------
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("examples", [PAIRS, POSITIVE_ONLY], ids=["dpo", "nll"])
+def test_fd_and_jvp_match_a_real_gradient_step(arch, examples, request):
+    model = make_model(arch) if arch != "llama" else request.getfixturevalue("tiny")
+    eta = 1e-3
+    fd = cold_fd(model, examples, HOOK, eta=eta, eps=1e-6, batch_size=3)
+    jvp = cold_fd(model, examples, HOOK, eta=eta, method="jvp", batch_size=3)
+    kernel = cold_kernel(model, examples, HOOK, eta=eta)
+
+    # The true change: take the gradient step on a copy, with the loss written by hand.
+    stepped = copy.deepcopy(model)
+    params = dict(stepped.named_parameters())
+    theta = {k: v.detach().clone() for k, v in params.items()}
+    names = parameters_before(stepped, HOOK)
+    loss = sum(hand_loss(stepped, ex) for ex in examples) / len(examples)
+    grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names]), strict=True))
+
+    def step(size: float) -> None:
+        with torch.no_grad():
+            for name in names:
+                params[name].copy_(theta[name] - size * grads[name])
+
+    # The stored g is that gradient (block parameters, and the non-zero rows of the embedding).
+    for name, g in fd.grads.items():
+        torch.testing.assert_close(g, grads[name], rtol=1e-8, atol=1e-14)
+    torch.testing.assert_close(fd.embed_grad, grads["embed.W_E"][fd.embed_index], rtol=1e-8, atol=1e-14)
+    assert bool((grads["embed.W_E"].abs().sum(-1) > 0).sum() == fd.embed_index.numel())
+    if arch == "gpt2":
+        torch.testing.assert_close(fd.pos_grad, grads["pos_embed.W_pos"], rtol=1e-8, atol=1e-14)
+
+    tokens = right_padded(model)
+    clean = capture(model, tokens, HOOK)
+    step(eta)
+    true_change = capture(stepped, tokens, HOOK) - clean
+    step(eta / 2)
+    true_half = capture(stepped, tokens, HOOK) - clean
+    d_fd = capture(model, tokens, HOOK, fd.hooks(1.0)) - clean
+    d_jvp = capture(model, tokens, HOOK, jvp.hooks(1.0)) - clean
+    d_kernel = capture(model, tokens, HOOK, kernel.hooks(1.0)) - clean
+    cos_fd, cos_jvp, cos_kernel = cosine(d_fd, true_change), cosine(d_jvp, true_change), cosine(d_kernel, true_change)
+    print(
+        f"\n[{arch}/{examples[0].__class__.__name__}] cos(fd, true)={cos_fd:.8f} cos(jvp, true)={cos_jvp:.8f} "
+        f"cos(kernel, true)={cos_kernel:.4f}"
+    )
+    assert cos_fd >= 0.99 and cos_jvp >= 0.99
+    # What is true beyond the cosine: jvp is the first-order term, so its error is O(eta^2) (halving
+    # eta quarters it) and small against the change itself.
+    err, err_half = (d_jvp - true_change).norm(), (d_jvp / 2 - true_half).norm()
+    assert err <= 1e-2 * true_change.norm()
+    assert 3.5 <= float(err / err_half) <= 4.5
+    assert no_hooks_left(model)
+
+
+def fp32_model(arch: str) -> HookedTransformer:
+    """A tiny float32 model with GPT-2's initialisation scale (0.02)."""
+    tokenizer = make_tokenizer()
+    cfg = HookedTransformerConfig(
+        n_layers=3,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=128,
+        d_vocab=len(tokenizer),
+        seed=0,
+        dtype=torch.float32,
+        device="cpu",
+        default_prepend_bos=True,
+        model_name=f"tiny-fp32-{arch}",
+        initializer_range=0.02,
+        **ARCHITECTURES[arch],
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_fd_and_jvp_agree_in_float32(arch):
+    model = fp32_model(arch)
+    fd = cold_fd(model, PAIRS, HOOK, eps=1e-3)
+    jvp = cold_fd(model, PAIRS, HOOK, method="jvp")
+    tokens = right_padded(model)
+    clean = capture(model, tokens, HOOK)
+    d_fd = capture(model, tokens, HOOK, fd.hooks(1.0)) - clean
+    d_jvp = capture(model, tokens, HOOK, jvp.hooks(1.0)) - clean
+    rel = float((d_fd - d_jvp).norm() / d_jvp.norm())
+    print(f"\n[{arch} fp32] |fd - jvp| / |jvp| = {rel:.2e} (eps=1e-3)")
+    assert rel <= 1e-3
+
+
+def test_fd_warns_when_eps_is_lost_to_rounding():
+    model = fp32_model("llama")
+    with pytest.warns(UserWarning, match="lost to rounding"):
+        iv = cold_fd(model, PAIRS, HOOK, eps=1e-9)
+    assert iv.info["fd_rounding_error"] > 0.2
+
+
+def test_one_perturbed_partial_pass_per_forward_whatever_n(tiny):
+    model = tiny
+    tokens = right_padded(model, TEXTS + ["The staff were kind"])
+    for method in ("fd", "jvp"):
+        for n_examples, iv in cold_fd_prefixes(model, PAIRS, HOOK, [1, len(PAIRS)], method=method):
+            calls = [0] * model.cfg.n_layers
+
+            def count(i: int, calls: list[int] = calls):
+                return lambda *_: calls.__setitem__(i, calls[i] + 1)
+
+            handles = [block.register_forward_hook(count(i)) for i, block in enumerate(model.blocks)]
+            try:
+                with tl_steer.steer(model, iv, m=1.0), torch.no_grad():
+                    model(tokens)
+            finally:
+                for h in handles:
+                    h.remove()
+            assert iv.n_perturbed_passes == 1
+            # Blocks 0..1 run in the normal pass and in the one perturbed pass; block 2 once.
+            assert calls == [2, 2, 1], (method, n_examples, calls)
+
+
+def test_model_unchanged_and_no_hooks_left(tiny):
+    model = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    iv = cold_fd(model, PAIRS, HOOK)
+    with tl_steer.steer(model, iv, m=2.0):
+        tl_steer.completion_nll(model, ["The film was"], [" wonderful"])
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert no_hooks_left(model)
+
+
+def test_perturbed_pass_sees_no_other_hooks_and_triggers_none(tiny):
+    """A recording hook before the COLD-FD hook records the normal pass only (the perturbed pass runs
+    with hooks suspended), and jvp composes with an earlier intervention without being changed by it."""
+    model = tiny
+    tokens = right_padded(model)
+    jvp = cold_fd(model, PAIRS, HOOK, method="jvp")
+    seen = []
+    with tl_steer.steer(model, jvp, m=1.0), torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda a, hook: seen.append(a))])
+    assert len(seen) == 1
+    # jvp's dZ does not depend on an intervention before it.
+    clean = capture(model, tokens, HOOK)
+    alone = capture(model, tokens, HOOK, jvp.hooks(1.0)) - clean
+    shift = tl_steer.AddVector("blocks.0.hook_resid_post", torch.ones(model.cfg.d_model, dtype=torch.float64))
+    shifted = capture(model, tokens, HOOK, shift.hooks(1.0))
+    both = capture(model, tokens, HOOK, [*shift.hooks(1.0), *jvp.hooks(1.0)]) - shifted
+    torch.testing.assert_close(both, alone, rtol=1e-10, atol=1e-12)
+
+
+def test_padding_and_batching_do_not_change_dz(gpt2):
+    model = gpt2
+    iv = cold_fd(model, PAIRS, HOOK, method="jvp", eta=0.1)
+    batch = right_padded(model)
+    clean = capture(model, batch, HOOK)
+    steered = capture(model, batch, HOOK, iv.hooks(1.0))
+    for row, text in enumerate(TEXTS):
+        single = model.to_tokens(text)
+        n = single.shape[1]
+        alone = capture(model, single, HOOK, iv.hooks(1.0)) - capture(model, single, HOOK)
+        torch.testing.assert_close((steered - clean)[row, :n], alone[0], rtol=1e-9, atol=1e-12)
+
+
+def test_prefixes_equal_separate_runs(tiny):
+    model = tiny
+    fds = dict(cold_fd_prefixes(model, PAIRS, HOOK, [1, 3], batch_size=2))
+    kernels = dict(cold_kernel_prefixes(model, PAIRS, HOOK, [3, 1], batch_size=2))
+    assert sorted(fds) == [1, 3] and sorted(kernels) == [1, 3]
+    for n in (1, 3):
+        alone = cold_fd(model, PAIRS[:n], HOOK)
+        for name, g in alone.grads.items():
+            torch.testing.assert_close(fds[n].grads[name], g, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(fds[n].embed_grad, alone.embed_grad, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(kernels[n].vector, cold_kernel(model, PAIRS[:n], HOOK).vector, rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="between 1 and"):
+        next(cold_fd_prefixes(model, PAIRS, HOOK, [5]))
+
+
+# ----- position policies and generation -----------------------------------------------------------
+
+
+def test_position_policy_limits_the_steered_positions(tiny):
+    model = tiny
+    tokens = model.to_tokens("hello world, the weather is fine")
+    iv = cold_fd(model, PAIRS, HOOK, method="jvp", positions="last_prompt")
+    clean = capture(model, tokens, HOOK)
+    with tl_steer.prompt_boundary(4):
+        steered = capture(model, tokens, HOOK, iv.hooks(1.0))
+    changed = (steered - clean).abs().amax(-1)[0] > 0
+    assert changed.tolist() == [i == 3 for i in range(tokens.shape[1])]
+
+
+@pytest.mark.parametrize("method", ["fd", "jvp"])
+def test_generation_cached_equals_uncached_when_steering_the_prompt(tiny, method):
+    model = tiny
+    iv = cold_fd(model, PAIRS, HOOK, method=method, eta=0.5, positions="prompt")
+    kw = dict(max_new_tokens=8, do_sample=False, verbose=False, return_type="tokens")
+    clean = model.generate("hello world, the", **kw)
+    out = {}
+    for cache in (True, False):
+        with tl_steer.steer(model, iv, m=3.0):
+            out[cache] = model.generate("hello world, the", use_past_kv_cache=cache, **kw)
+    assert torch.equal(out[True], out[False])
+    assert not torch.equal(out[True], clean)  # it does steer
+    # Batched, left-padded prompts give the same tokens as one prompt at a time.
+    prompts = ["hello world, the", "The food was awful and the"]
+    with tl_steer.steer(model, iv, m=3.0):
+        batched = model.generate(prompts, max_new_tokens=5, do_sample=False, verbose=False, return_type="tokens")
+        singles = [model.generate(p, **{**kw, "max_new_tokens": 5})[0, -5:] for p in prompts]
+    assert torch.equal(batched[:, -5:], torch.stack(singles))
+    assert no_hooks_left(model)
+
+
+def test_generation_other_policies_need_the_uncached_path(tiny):
+    model = tiny
+    iv = cold_fd(model, PAIRS, HOOK, method="jvp", positions="all")
+    with pytest.raises(TlSteerError, match="use_past_kv_cache=False"), tl_steer.steer(model, iv, m=1.0):
+        model.generate("hello world, the", max_new_tokens=3, verbose=False)
+    assert no_hooks_left(model) and "generate" not in vars(model)
+    with tl_steer.steer(model, iv, m=1.0):
+        model.generate("hello world, the", max_new_tokens=3, verbose=False, use_past_kv_cache=False)
+
+
+def test_kernel_vector_generation_cached_equals_uncached(tiny):
+    model = tiny
+    iv = cold_kernel(model, PAIRS, HOOK, eta=50.0, positions="prompt")
+    kw = dict(max_new_tokens=6, do_sample=False, verbose=False, return_type="tokens")
+    with tl_steer.steer(model, iv, m=1.0):
+        a = model.generate("hello world, the", use_past_kv_cache=True, **kw)
+        b = model.generate("hello world, the", use_past_kv_cache=False, **kw)
+    assert torch.equal(a, b)
+
+
+# ----- strength, save / load -------------------------------------------------------------------------
+
+
+def test_m_zero_is_clean_and_m_scales(tiny):
+    model = tiny
+    tokens = right_padded(model)
+    iv = cold_fd(model, PAIRS, HOOK, method="jvp")
+    assert iv.hooks(0.0) == []
+    clean = capture(model, tokens, HOOK)
+    one = capture(model, tokens, HOOK, iv.hooks(1.0)) - clean
+    three = capture(model, tokens, HOOK, iv.hooks(3.0)) - clean
+    torch.testing.assert_close(three, 3 * one, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_save_and_load_round_trip(arch, tmp_path, request):
+    model = request.getfixturevalue("tiny") if arch == "llama" else request.getfixturevalue("gpt2")
+    iv = cold_fd(model, PAIRS, HOOK, eta=0.3, eps=1e-5, positions="prompt")
+    path = tl_steer.save(iv, tmp_path / "cold")
+    loaded = tl_steer.load(path, model)
+    assert isinstance(loaded, ColdFD)
+    assert (loaded.eta, loaded.eps, loaded.fd_method, loaded.positions.kind) == (0.3, 1e-5, "fd", "prompt")
+    tokens = right_padded(model)
+    with tl_steer.steer(model, iv, m=2.0), torch.no_grad():
+        expected = model(tokens)
+    with tl_steer.steer(model, loaded, m=2.0), torch.no_grad():
+        got = model(tokens)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # with_positions shares the tensors and the binding.
+    twin = iv.with_positions("all")
+    assert twin.positions.kind == "all"
+    assert twin.grads["blocks.0.attn.W_Q"].data_ptr() == iv.grads["blocks.0.attn.W_Q"].data_ptr()
+    twin.hooks(1.0)
+    # Loaded without a model, it binds when steer checks it.
+    unbound = tl_steer.load(path)
+    with pytest.raises(TlSteerError, match="not bound"):
+        unbound.hooks(1.0)
+    with tl_steer.steer(model, unbound, m=2.0), torch.no_grad():
+        torch.testing.assert_close(model(tokens), expected, rtol=0, atol=0)
+    # Another model does not fit.
+    with pytest.raises(ValueError):
+        tl_steer.load(path, make_model(arch, seed=1, d_model=16))
+
+
+# ----- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [cold_kernel, cold_fd], ids=["kernel", "fd"])
+def test_bad_input(tiny, build):
+    model = tiny
+    with pytest.raises(DataError, match="at least one example"):
+        build(model, [], HOOK)
+    with pytest.raises(DataError, match="empty"):
+        build(model, [("The film was", "")], HOOK)
+    with pytest.raises(DataError, match="empty"):
+        build(model, [("The film was", "   ")], HOOK)
+    with pytest.raises(DataError, match="needs pairs"):
+        build(model, POSITIVE_ONLY, HOOK, loss="dpo")
+    with pytest.raises(DataError, match="mix"):
+        build(model, [PAIRS[0], POSITIVE_ONLY[1]], HOOK)
+    with pytest.raises(DataError, match="ContrastivePair"):
+        build(model, [ABItem("q?", "yes", "no", "A")], HOOK)
+    for hook in ("ln_final.hook_scale", "hook_embed", "unembed"):
+        with pytest.raises(HookNameError):
+            build(model, PAIRS, hook)
+    with pytest.raises(HookNameError, match="inside a block"):
+        build(model, PAIRS, "ln_final.hook_normalized")
+    for value in (0.0, float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="eta"):
+            build(model, PAIRS, HOOK, eta=value)
+    with pytest.raises(ValueError, match="loss"):
+        build(model, PAIRS, HOOK, loss="kl")
+    assert no_hooks_left(model) and all(p.grad is None for p in model.parameters())
+
+
+def test_bad_input_fd_specific(tiny):
+    model = tiny
+    for value in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps"):
+            cold_fd(model, PAIRS, HOOK, eps=value)
+    with pytest.raises(HookNameError, match="at least one block"):
+        cold_fd(model, PAIRS, "blocks.0.hook_resid_pre")
+    with pytest.raises(HookNameError, match="resid"):
+        cold_fd(model, PAIRS, "blocks.1.attn.hook_z")
+    with pytest.raises(ValueError, match="method"):
+        cold_fd(model, PAIRS, HOOK, method="central")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="where"):
+        cold_kernel(model, PAIRS, HOOK, where="everywhere")  # type: ignore[arg-type]
+
+
+def test_fd_needs_the_pass_to_start_at_block_0(tiny):
+    model = tiny
+    iv = cold_fd(model, PAIRS, HOOK, method="jvp")
+    assert iv.first_layer(model.cfg.n_layers) == 0
+    resid = model(model.to_tokens("hello world"), stop_at_layer=1)
+    with pytest.raises(TlSteerError, match="block 0"), tl_steer.steer(model, iv, m=1.0), torch.no_grad():
+        model(resid, start_at_layer=1)
+    assert no_hooks_left(model)
+
+
+# ----- sample efficiency (tiny smoke run) ------------------------------------------------------------
+
+
+def test_sample_efficiency_table(tiny):
+    from tl_steer.analysis.sample_efficiency import sample_efficiency
+
+    items = [
+        ABItem("Is it fine?", "fine", "cold", "A"),
+        ABItem("Was it kind?", "awful", "kind", "B"),
+        ABItem("The bread?", "fresh", "awful", "A"),
+        ABItem("The room?", "dirty", "fine", "B"),
+    ]
+    table = sample_efficiency(
+        tiny,
+        "sentiment",
+        ns=(1, 2),
+        seeds=(0,),
+        hook=HOOK,
+        m={"diffmean": 1.0, "cold_kernel": 10.0, "cold_fd": 1.0},
+        train_items=items,
+        test_items=items[:2],
+        test_pairs=PAIRS[:2],
+    )
+    assert list(table.columns) == ["method", "N", "seed", "m", "ab_accuracy", "ab_margin", "pref_odds"]
+    assert len(table) == 1 + 3 * 2
+    assert table["N"].tolist() == [0, 1, 2, 1, 2, 1, 2]
+    assert set(table["method"]) == {"none", "diffmean", "cold_kernel", "cold_fd"}
+    assert table["ab_accuracy"].between(0, 1).all()
+    assert no_hooks_left(tiny)
+
+
+def test_sample_efficiency_on_pairs_and_bad_settings(tiny):
+    from tl_steer.analysis.sample_efficiency import sample_efficiency, summarize
+
+    items = [ABItem("Is it fine?", "fine", "cold", "A"), ABItem("Was it kind?", "awful", "kind", "B")]
+    common = dict(hook=HOOK, test_items=items, test_pairs=PAIRS[:2], seeds=(0,), baseline=False)
+    table = sample_efficiency(
+        tiny, "sentiment", ns=(1, 3), methods=("cold_kernel",), train_on="pairs", train_pairs=PAIRS, **common
+    )
+    assert table["N"].tolist() == [1, 3] and set(table["method"]) == {"cold_kernel"}
+    assert summarize(table)["n_seeds"].tolist() == [1, 1]
+    # Equal-norm mode: every intervention adds `norm` per position (measured on 4 training examples).
+    from tl_steer.analysis.sample_efficiency import added_norm, reference_batch
+
+    equal = sample_efficiency(tiny, "sentiment", ns=(2,), norm=3.0, train_on="pairs", train_pairs=PAIRS, **common)
+    reference = reference_batch(tiny, PAIRS)
+    order = np.random.default_rng(0).permutation(len(PAIRS))
+    for row in equal.itertuples():
+        if row.method == "cold_fd":
+            iv = cold_fd(tiny, [PAIRS[i] for i in order[:2]], HOOK, eps=1e-3)
+            assert row.m * added_norm(tiny, iv, *reference) == pytest.approx(3.0, rel=1e-6)
+    with pytest.raises(ValueError, match="more examples"):
+        sample_efficiency(tiny, "sentiment", ns=(5,), train_on="pairs", train_pairs=PAIRS, **common)
+    with pytest.raises(ValueError, match="unknown method"):
+        sample_efficiency(tiny, "sentiment", methods=("caa",), train_pairs=PAIRS, **common)
+    with pytest.raises(ValueError, match="train_on"):
+        sample_efficiency(tiny, "sentiment", train_on="both", train_pairs=PAIRS, **common)
