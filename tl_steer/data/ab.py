@@ -19,12 +19,12 @@ the dot keeps them out of :func:`tl_steer.builtin_concepts`, which lists contras
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from tl_steer.data.jsonl import read_records
 from tl_steer.data.pairs import ContrastivePair
 from tl_steer.errors import DataError
 
@@ -111,36 +111,7 @@ def read_ab_items(path: str | Path) -> list[ABItem]:
 
     Every line is validated; an error names the file, the line and the problem. Blank lines are skipped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such A/B items file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    items = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object with fields {', '.join(_FIELDS)}")
-        for name in _FIELDS:
-            if name not in record:
-                raise DataError(f"{where}: missing field {name!r}")
-            if not isinstance(record[name], str):
-                raise DataError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
-        try:
-            items.append(ABItem(*(record[name] for name in _FIELDS)))
-        except DataError as exc:
-            raise DataError(f"{where}: {exc}") from exc
-    if not items:
-        raise DataError(f"{path}: no A/B items in the file")
-    return items
+    return read_records(path, _FIELDS, ABItem, what="A/B items")
 
 
 def ab_behaviours() -> list[str]:
