@@ -14,6 +14,7 @@ one strength ``m`` (``m = 0`` is exactly the clean model)::
 from tl_steer.analysis.ab import ab_accuracy
 from tl_steer.analysis.manifold import ManifoldProbe
 from tl_steer.analysis.manifold_sweep import ManifoldSweepResult, manifold_sweep
+from tl_steer.analysis.method_comparison import ComparisonResult, compare_interventions, compare_methods
 from tl_steer.analysis.preference_utility import PreferenceUtilityResult, preference_utility
 from tl_steer.analysis.sample_efficiency import sample_efficiency
 from tl_steer.data import (
@@ -50,6 +51,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ABItem",
     "ColdFD",
+    "ComparisonResult",
+    "compare_interventions",
+    "compare_methods",
     "ab_accuracy",
     "cold_fd",
     "cold_kernel",
