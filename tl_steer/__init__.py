@@ -39,7 +39,17 @@ from tl_steer.errors import (
 from tl_steer.hookpoints import get_act_name
 from tl_steer.interventions import AddVector, Intervention
 from tl_steer.io import load, read_metadata, save
-from tl_steer.methods import ColdFD, cold_fd, cold_kernel, diffmean, sft, split
+from tl_steer.methods import (
+    ColdFD,
+    SAEFeatureEdit,
+    cold_fd,
+    cold_kernel,
+    diffmean,
+    rank_features,
+    sae_feature,
+    sft,
+    split,
+)
 from tl_steer.models import hooked_from_hf, load_default_model, model_identity
 from tl_steer.module_delta import LocalWeight, LoRA, ModuleDelta
 from tl_steer.positions import PositionPolicy, prompt_boundary
@@ -51,6 +61,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ABItem",
     "ColdFD",
+    "SAEFeatureEdit",
+    "rank_features",
+    "sae_feature",
     "ComparisonResult",
     "compare_interventions",
     "compare_methods",

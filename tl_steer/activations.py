@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -23,9 +24,13 @@ def completion_activations(
     *,
     reduce: Reduce = "mean",
     batch_size: int = 16,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "n d"]:
     """The activation at ``hook`` for each item, averaged over its completion tokens (``"mean"``) or
     taken at its last token (``"last"``); float32, in the input order, on the CPU.
+
+    ``transform`` maps the activations of a batch ([batch, pos, d] -> [batch, pos, d']) before the
+    reduction, e.g. an SAE's encoder, whose mean over tokens is not the code of the mean activation.
 
     The forward pass stops after the hook's block (``stop_at_layer``), so later layers cost nothing.
     """
@@ -47,7 +52,8 @@ def completion_activations(
         captured.clear()
         with torch.no_grad():
             model.run_with_hooks(tokens, fwd_hooks=[(hook, capture)], stop_at_layer=stop, return_type=None)
-        acts = captured[0].float()
+            acts = captured[0] if transform is None else transform(captured[0])
+        acts = acts.float()
         for row, i in enumerate(idx):
             start, end = data.starts[i], lengths[i]
             span = acts[row, start:end] if reduce == "mean" else acts[row, end - 1 : end]

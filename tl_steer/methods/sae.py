@@ -1,0 +1,415 @@
+"""SAE feature steering with sae-lens SAEs, and scores for choosing the features (methods.md section 5).
+
+Three edits at the SAE's own hook (``sae.cfg.metadata.hook_name``), each scaled by the strength m:
+
+- ``add``:    h <- h + m * sum_i c_i W_dec[i]
+- ``clamp``:  h <- h + m * (D(z') - D(z)),  z = E(h), z' = z with z_i set to c_i
+- ``ablate``: the same with c_i = 0
+
+where E and D are the SAE's own encode and decode. ``D(z') - D(z)`` equals decoding z' and adding back
+the SAE's error term ``h - D(z)``, so m = 0, and clamping a feature to its current value, are exactly the
+clean model: the SAE's reconstruction error never leaks into the steered run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from scipy.stats import rankdata
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from tl_steer.activations import completion_activations
+from tl_steer.data.pairs import ContrastivePair, check_pairs
+from tl_steer.errors import ConfigError, HookNameError, MissingDependencyError, ShapeError
+from tl_steer.hookpoints import validate_hook
+from tl_steer.interventions import Edit, Intervention, hook_widths
+from tl_steer.models import model_identity
+from tl_steer.positions import PositionsLike
+from tl_steer.scoring import pair_nll, tokenize_completions
+
+Mode = Literal["add", "clamp", "ablate"]
+Scale = Literal["raw", "max_act", "norm"]
+MODES = ("add", "clamp", "ablate")
+SCALES = ("raw", "max_act", "norm")
+
+
+def _sae_class() -> Any:
+    try:
+        from sae_lens import SAE
+    except ImportError as exc:  # pragma: no cover - sae-lens is a dependency
+        raise MissingDependencyError("SAE feature steering needs sae-lens: pip install sae-lens") from exc
+    return SAE
+
+
+def sae_hook(sae: Any) -> str:
+    """The hook name an sae-lens SAE reads (``sae.cfg.metadata.hook_name``); raise if it has none."""
+    hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
+    if not isinstance(hook, str) or not hook:
+        raise HookNameError("this SAE records no hook name (sae.cfg.metadata.hook_name); set it to the hook it reads")
+    if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
+        raise HookNameError(f"SAEs on per-head activations ({hook!r}, hook_z) are not supported for steering yet")
+    return hook
+
+
+def check_sae(model: HookedTransformer, sae: Any) -> str:
+    """Raise before any work if ``sae`` does not fit ``model``; return its hook name.
+
+    Checks that the hook exists and that its width is the SAE's d_in, and warns when the SAE was trained
+    on a model loaded with LayerNorm folding and this one was not (or the other way round): its features
+    then read a differently scaled residual stream.
+    """
+    hook = sae_hook(sae)
+    validate_hook(model, hook)
+    width = hook_widths(model, [hook])[hook]
+    if width != sae.cfg.d_in:
+        raise ShapeError(
+            f"the SAE reads vectors of width d_in={sae.cfg.d_in}, but {hook!r} of this model has width {width}; "
+            "was the SAE trained for another model?"
+        )
+    kwargs = getattr(sae.cfg.metadata, "model_from_pretrained_kwargs", None) or {}
+    folded = model.cfg.normalization_type in ("LNPre", "RMSPre")
+    if "fold_ln" in kwargs and bool(kwargs["fold_ln"]) != folded:
+        warnings.warn(
+            f"the SAE was trained with fold_ln={kwargs['fold_ln']}, but this model's normalisation is "
+            f"{model.cfg.normalization_type!r} (fold_ln={folded}); load the model with the SAE's "
+            "model_from_pretrained_kwargs for faithful features",
+            stacklevel=3,
+        )
+    return hook
+
+
+def _frozen_copy(sae: Any) -> Any:
+    sae = copy.deepcopy(sae)
+    sae.eval()
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    return sae
+
+
+def _json_safe(value: dict[str, Any]) -> dict[str, Any]:
+    """The SAE config as plain JSON (tuples to lists, anything else exotic to its string)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+class SAEFeatureEdit(Intervention):
+    """Adds, clamps or ablates SAE features at the SAE's hook; see the module docstring for the formulas.
+
+    ``add`` keeps only the features' decoder rows; ``clamp`` and ``ablate`` keep a frozen copy of the SAE.
+    """
+
+    kind = "sae_feature"
+
+    def __init__(
+        self,
+        hook: str,
+        mode: Mode,
+        features: Sequence[int],
+        values: Float[Tensor, " k"],
+        *,
+        directions: Float[Tensor, "k d"] | None = None,
+        sae: Any = None,
+        positions: PositionsLike | None = None,
+        method: str | None = None,
+        info: dict[str, Any] | None = None,
+        model_identity: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(positions=positions, method=method or "sae", info=info, model_identity=model_identity)
+        if mode not in MODES:
+            raise ConfigError(f"unknown SAE edit mode {mode!r}; valid modes: {', '.join(MODES)}")
+        self.hook, self.mode, self.features = hook, mode, [int(f) for f in features]
+        self.values = torch.as_tensor(values, dtype=torch.float64).detach().clone().reshape(-1)
+        if len(self.features) != self.values.numel() or not self.features:
+            raise ShapeError(f"{len(self.features)} features but {self.values.numel()} values; give one value each")
+        if not torch.isfinite(self.values).all():
+            raise ValueError("the SAE feature values must be finite")
+        self.directions: Tensor | None
+        self.sae: Any
+        if mode == "add":
+            if directions is None or directions.shape[0] != len(self.features):
+                raise ShapeError("mode 'add' needs one decoder direction per feature")
+            self.directions, self.sae = directions.detach().clone(), None
+            self.width = int(directions.shape[1])
+        else:
+            if sae is None:
+                raise ConfigError(f"mode {mode!r} needs the SAE itself (to encode the activation)")
+            self.directions, self.sae = None, sae
+            self.width = int(sae.cfg.d_in)
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        return (self.hook,)
+
+    def widths(self) -> dict[str, int]:
+        return {self.hook: self.width}
+
+    def _edits(self) -> list[tuple[str, Edit]]:
+        if self.mode == "add":
+            assert self.directions is not None
+            vector = (self.values.to(self.directions.dtype)[:, None] * self.directions).sum(0)
+
+            def add(activation: Tensor, hook: HookPoint, m: float) -> Tensor:
+                return m * vector.to(device=activation.device, dtype=activation.dtype)
+
+            return [(self.hook, add)]
+        sae, index, values = self.sae, torch.tensor(self.features), self.values
+
+        def clamp(activation: Tensor, hook: HookPoint, m: float) -> Tensor:
+            x = activation.to(dtype=sae.dtype, device=sae.device)
+            z = sae.encode(x)
+            target = z.clone()
+            target[..., index] = values.to(dtype=z.dtype, device=z.device)
+            edited = sae.decode(target)
+            # encode again: SAEs normalising their input keep the statistics for exactly one decode
+            sae.encode(x)
+            return m * (edited - sae.decode(z))
+
+        return [(self.hook, clamp)]
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"values": self.values}
+        if self.directions is not None:
+            out["directions"] = self.directions
+        else:
+            out |= {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        return out
+
+    def config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"hook": self.hook, "mode": self.mode, "features": self.features}
+        if self.sae is not None:
+            cfg["sae_cfg"] = _json_safe(self.sae.cfg.to_dict())
+        return cfg
+
+    @classmethod
+    def from_saved(cls, config: dict[str, Any], tensors: dict[str, Tensor], common: dict[str, Any]) -> SAEFeatureEdit:
+        sae = None
+        if config["mode"] != "add":
+            SAE = _sae_class()
+            cfg = dict(config["sae_cfg"], device="cpu")
+            sae = SAE.from_dict(cfg)
+            state = {k.removeprefix("sae."): v for k, v in tensors.items() if k.startswith("sae.")}
+            sae.load_state_dict(state)
+            sae = _frozen_copy(sae)
+        return cls(
+            config["hook"],
+            config["mode"],
+            config["features"],
+            tensors["values"],
+            directions=tensors.get("directions"),
+            sae=sae,
+            **common,
+        )
+
+
+def _check_features(sae: Any, feature: int | Sequence[int]) -> list[int]:
+    features = [feature] if isinstance(feature, (int, np.integer)) else list(feature)
+    if not features:
+        raise ConfigError("no SAE feature given")
+    for f in features:
+        if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not 0 <= int(f) < sae.cfg.d_sae:
+            raise ConfigError(f"SAE feature index {f!r} is out of range: this SAE has d_sae={sae.cfg.d_sae} features")
+    if len(set(features)) != len(features):
+        raise ConfigError(f"SAE features repeat: {features}")
+    return [int(f) for f in features]
+
+
+@torch.no_grad()
+def feature_reference(
+    model: HookedTransformer, sae: Any, texts: Sequence[str], *, batch_size: int = 16
+) -> tuple[Float[Tensor, " d_sae"], float]:
+    """(max activation of every feature, median activation norm) over the tokens of ``texts`` at the SAE's
+    hook, position 0 excluded (the BOS / attention-sink position, whose norm is an outlier)."""
+    hook = check_sae(model, sae)
+    if not texts:
+        raise ConfigError("reference_texts is empty; give some ordinary text for the feature statistics")
+    tokens = model.to_tokens(list(texts), padding_side="right")
+    pad = model.tokenizer.pad_token_id if model.tokenizer is not None else None
+    max_act = torch.zeros(sae.cfg.d_sae)
+    norms: list[Tensor] = []
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start : start + batch_size]
+        _, cache = model.run_with_cache(batch, names_filter=hook, return_type=None)
+        acts = cache[hook][:, 1:]
+        keep = torch.ones(acts.shape[:2], dtype=torch.bool) if pad is None else (batch[:, 1:] != pad).cpu()
+        flat = acts.reshape(-1, acts.shape[-1])[keep.reshape(-1)]
+        codes = sae.encode(flat.to(dtype=sae.dtype, device=sae.device)).float().cpu()
+        max_act = torch.maximum(max_act, codes.max(0).values)
+        norms.append(flat.float().norm(dim=-1).cpu())
+    return max_act, float(torch.cat(norms).median())
+
+
+def sae_feature(
+    sae: Any,
+    feature: int | Sequence[int],
+    mode: Mode = "add",
+    value: float | Sequence[float] = 1.0,
+    *,
+    scale: Scale = "raw",
+    model: HookedTransformer | None = None,
+    reference_texts: Sequence[str] | None = None,
+    positions: PositionsLike | None = None,
+) -> SAEFeatureEdit:
+    """An intervention that adds, clamps or ablates SAE ``feature`` (one index or several) at the SAE's hook.
+
+    Args:
+        sae: any sae-lens ``SAE``; it reads ``sae.cfg.metadata.hook_name``.
+        mode: ``"add"`` (h + m * value * W_dec[i]), ``"clamp"`` (set the feature to ``value``) or
+            ``"ablate"`` (set it to 0; ``value`` is ignored). The change is scaled by m.
+        value: the coefficient (add) or the target activation (clamp), one per feature.
+        scale: the unit of ``value``: ``"raw"`` (feature activation units), ``"max_act"`` (the feature's
+            maximum activation on ``reference_texts``), or ``"norm"`` (add only: ``value`` 1 adds a vector
+            whose norm is the median activation norm at the hook on ``reference_texts``).
+        model, reference_texts: needed for the scales other than "raw"; with ``model``, the SAE is also
+            checked against it (hook, width, LayerNorm folding).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown SAE edit mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+    hook = sae_hook(sae)
+    features = _check_features(sae, feature)
+    raw = [0.0] * len(features) if mode == "ablate" else value
+    values = torch.as_tensor(raw, dtype=torch.float64).reshape(-1)
+    if values.numel() == 1 and len(features) > 1:
+        values = values.expand(len(features)).clone()
+    if values.numel() != len(features):
+        raise ShapeError(f"{len(features)} features but {values.numel()} values; give one value or one per feature")
+    if model is not None:
+        check_sae(model, sae)
+    directions = sae.W_dec.detach()[features].cpu()
+    info: dict[str, Any] = {"mode": mode, "scale": scale, "features": features, "value": values.tolist()}
+    if scale != "raw" and mode != "ablate":
+        if model is None or reference_texts is None:
+            raise ConfigError(f"scale={scale!r} needs model= and reference_texts= to measure the feature statistics")
+        max_act, median_norm = feature_reference(model, sae, reference_texts)
+        if scale == "max_act":
+            unit = max_act[features]
+        else:
+            if mode != "add":
+                raise ConfigError("scale='norm' is for mode 'add' (a clamp target is an activation, not a norm)")
+            unit = median_norm / directions.double().norm(dim=-1)
+        values = values * unit.double()
+        info |= {"unit": unit.tolist(), "median_norm": median_norm}
+    identity = model_identity(model) if model is not None else None
+    if mode == "add":
+        return SAEFeatureEdit(
+            hook, mode, features, values, directions=directions, positions=positions, info=info, model_identity=identity
+        )
+    return SAEFeatureEdit(
+        hook, mode, features, values, sae=_frozen_copy(sae), positions=positions, info=info, model_identity=identity
+    )
+
+
+def concept_tokens(
+    model: HookedTransformer, pairs: Sequence[ContrastivePair], n: int = 20
+) -> tuple[list[int], list[int]]:
+    """The ``n`` token ids most over-represented in the positive completions against the negative ones,
+    and the ``n`` most over-represented in the negative ones (by count difference; ties by id)."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ConfigError("concept tokens need a model with a tokenizer")
+    pos = Counter(t for p in pairs for t in tok(p.positive, add_special_tokens=False).input_ids)
+    neg = Counter(t for p in pairs for t in tok(p.negative, add_special_tokens=False).input_ids)
+    diff = {t: pos[t] - neg[t] for t in set(pos) | set(neg)}
+    ranked = sorted(diff, key=lambda t: (-diff[t], t))
+    up = [t for t in ranked if diff[t] > 0][:n]
+    down = [t for t in reversed(ranked) if diff[t] < 0][:n]
+    if not up or not down:
+        raise ConfigError("the positive and negative completions use the same tokens; no concept tokens to score")
+    return up, down
+
+
+@torch.no_grad()
+def output_scores(
+    model: HookedTransformer, directions: Float[Tensor, "k d"], up: Sequence[int], down: Sequence[int]
+) -> Float[Tensor, " k"]:
+    """The logit lens of each direction onto the concept tokens:
+    ``mean_{t in up} logit_t - mean_{t in down} logit_t`` with ``logits = ln_final(w) W_U``."""
+    w = directions.to(dtype=model.cfg.dtype, device=model.cfg.device)[:, None, :]
+    logits = (model.ln_final(w)[:, 0] @ model.W_U).float().cpu()
+    return logits[:, list(up)].mean(1) - logits[:, list(down)].mean(1)
+
+
+def rank_features(
+    model: HookedTransformer,
+    sae: Any,
+    pairs: Sequence[ContrastivePair],
+    *,
+    n_measure: int = 8,
+    eval_pairs: Sequence[ContrastivePair] | None = None,
+    norm: float | None = None,
+    n_tokens: int = 20,
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """Input and output scores of every SAE feature for the concept of ``pairs``, and the measured effect
+    of steering with the best candidates.
+
+    - Input score: each completion's feature activation averaged over its tokens; ``mean_diff`` (positive
+      minus negative) and ``auroc`` (the probability that a positive completion activates the feature more
+      than a negative one).
+    - Output score (``output``): :func:`output_scores` of W_dec[i] on :func:`concept_tokens`.
+    - ``d_pref``: the change in mean PrefOdds on ``eval_pairs`` (default: ``pairs``) when W_dec[i] alone is
+      added with norm ``norm`` (default: the norm of the DiffMean vector of ``pairs`` at the same hook, so
+      that features and DiffMean are compared at equal added norm); measured for the ``n_measure`` features
+      with the highest AUROC and the ``n_measure`` with the highest output score (NaN for the rest).
+
+    Returns one row per feature, sorted by AUROC (highest first).
+    """
+    hook = check_sae(model, sae)
+    items = check_pairs(pairs)
+    if not isinstance(n_measure, int) or n_measure < 0:
+        raise ConfigError(f"n_measure must be a non-negative integer, got {n_measure!r}")
+    n = len(items)
+    data = tokenize_completions(
+        model, [p.prompt for p in items] * 2, [p.positive for p in items] + [p.negative for p in items]
+    )
+
+    def encode_too(acts: Tensor) -> Tensor:
+        codes = sae.encode(acts.to(dtype=sae.dtype, device=sae.device)).to(acts.device, acts.dtype)
+        return torch.cat([acts, codes], dim=-1)
+
+    both = completion_activations(model, data, hook, batch_size=batch_size, transform=encode_too)
+    resid, codes = both[:, : sae.cfg.d_in], both[:, sae.cfg.d_in :].numpy().astype(np.float64)
+    ranks = rankdata(codes, axis=0)
+    auroc = (ranks[:n].sum(0) - n * (n + 1) / 2) / (n * n)
+    table = pd.DataFrame(
+        {
+            "feature": np.arange(sae.cfg.d_sae),
+            "mean_diff": codes[:n].mean(0) - codes[n:].mean(0),
+            "auroc": auroc,
+            "frac_active": (codes > 0).mean(0),
+        }
+    )
+    up, down = concept_tokens(model, items, n_tokens)
+    directions = sae.W_dec.detach().float().cpu()
+    table["output"] = output_scores(model, directions, up, down).numpy()
+    added = float((resid[:n] - resid[n:]).mean(0).norm()) if norm is None else float(norm)
+    if not np.isfinite(added) or added <= 0:
+        raise ConfigError(f"norm must be positive and finite, got {norm!r}")
+    table["d_pref"] = np.nan
+    candidates = list(
+        dict.fromkeys(
+            table.nlargest(n_measure, "auroc")["feature"].tolist()
+            + table.nlargest(n_measure, "output")["feature"].tolist()
+        )
+    )
+    if candidates:
+        evaluation = check_pairs(eval_pairs) if eval_pairs is not None else items
+        lp, ln = pair_nll(model, evaluation, batch_size=batch_size)
+        clean = float((ln - lp).double().mean())
+        for f in candidates:
+            iv = sae_feature(sae, f, "add", added / float(directions[f].norm()))
+            lp, ln = pair_nll(model, evaluation, interventions=[iv], m=1.0, batch_size=batch_size)
+            table.loc[table["feature"] == f, "d_pref"] = float((ln - lp).double().mean()) - clean
+    table.attrs |= {"hook": hook, "added_norm": added, "up_tokens": up, "down_tokens": down}
+    return table.sort_values("auroc", ascending=False, ignore_index=True)
