@@ -195,3 +195,12 @@ def test_load_pairs_unknown_concept_lists_valid_names() -> None:
 def test_load_pairs_bad_split(split: object) -> None:
     with pytest.raises(DataError, match="split must be 'train' or 'test'"):
         load_pairs("sentiment", split)  # type: ignore[arg-type]
+
+
+def test_concept_instructions_cover_the_builtin_concepts() -> None:
+    from tl_steer.data.pairs import concept_instruction
+
+    for name in tl_steer.builtin_concepts():
+        assert concept_instruction(name).strip()
+    with pytest.raises(tl_steer.DataError, match="known: formality, refusal, sentiment"):
+        concept_instruction("humour")

@@ -116,7 +116,7 @@ def test_scales_use_reference_statistics(model, sae) -> None:
     texts = [TEXT, "hello world, the weather is fine today."]
     iv = sae_feature(sae, 6, "add", 1.0, scale="max_act", model=model, reference_texts=texts)
     acts = torch.cat([resid(model, t)[0, 1:] for t in texts])
-    assert iv.values.item() == pytest.approx(float(sae.encode(acts)[:, 6].max()), rel=1e-5)
+    assert iv.values.item() == pytest.approx(float(sae.encode(acts)[:, 6].max().detach()), rel=1e-5)
     iv = sae_feature(sae, 6, "add", 1.0, scale="norm", model=model, reference_texts=texts)
     added = iv.values.item() * sae.W_dec[6].norm().item()
     assert added == pytest.approx(float(acts.norm(dim=-1).median()), rel=1e-5)
@@ -163,7 +163,7 @@ def test_rank_features_scores_match_independent_computations(model, sae) -> None
     # the measured effect is the change in PrefOdds from adding the feature at the DiffMean norm
     f = int(table.index[measured][0])
     norm = table.attrs["added_norm"]
-    iv = sae_feature(sae, f, "add", norm / float(sae.W_dec[f].norm()))
+    iv = sae_feature(sae, f, "add", norm / float(sae.W_dec[f].detach().norm()))
     lp, ln = tl_steer.pair_nll(model, HELD_OUT, interventions=[iv])
     lp0, ln0 = tl_steer.pair_nll(model, HELD_OUT)
     assert table.loc[f, "d_pref"] == pytest.approx(float((ln - lp).mean() - (ln0 - lp0).mean()), abs=1e-5)

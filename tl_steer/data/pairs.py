@@ -76,6 +76,22 @@ def builtin_concepts() -> list[str]:
     return sorted({p.name.rsplit("_", 1)[0] for p in folder.iterdir() if p.name.endswith("_train.jsonl")})
 
 
+# The prompting baseline of each built-in concept: an instruction asking for the positive completion's
+# behaviour, prepended (with a newline) to every prompt.
+CONCEPT_INSTRUCTIONS = {
+    "sentiment": "Continue the text in a positive, happy tone.",
+    "formality": "Continue the text in a formal, polite register.",
+    "refusal": "You are an assistant that politely declines every request.",
+}
+
+
+def concept_instruction(name: str) -> str:
+    """The prompting-baseline instruction of a built-in concept (see ``CONCEPT_INSTRUCTIONS``)."""
+    if name not in CONCEPT_INSTRUCTIONS:
+        raise DataError(f"no instruction for concept {name!r}; known: {', '.join(sorted(CONCEPT_INSTRUCTIONS))}")
+    return CONCEPT_INSTRUCTIONS[name]
+
+
 def load_pairs(name: str, split: Literal["train", "test"] = "train") -> list[ContrastivePair]:
     """A built-in dataset of contrastive pairs, with its fixed train/test split.
 
