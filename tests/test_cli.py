@@ -122,3 +122,49 @@ def test_unwritable_output_directory_is_a_clear_error(capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert code == 2
     assert "cannot write to the output directory" in err
+
+
+def test_report_help_lists_the_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["report", "--help"], capsys)
+    assert code == 0
+    for word in ("--quick", "--methods", "--out", "--fresh", "resume", "diffmean", "cold_fd", "prompting"):
+        assert word in out
+
+
+def test_report_unknown_method_lists_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["report", "--methods", "diffmean", "magic"], capsys)
+    assert code == 2
+    assert "invalid choice: 'magic'" in err and "cold_kernel" in err and "split" in err
+
+
+def test_report_bad_inputs_fail_before_the_model_loads(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli.main(["report", "--concept", "sarcasm", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown built-in concept 'sarcasm'" in capsys.readouterr().err
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"prompt": "a", "positive": " b", "negative": " c"}\n', encoding="utf-8")
+    assert cli.main(["report", "--pairs", str(few), "--out", str(tmp_path / "r")]) == 2
+    assert "needs at least 8" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["report", "--out", str(blocker / "sub")]) == 2
+    assert "cannot write to the output directory" in capsys.readouterr().err
+
+
+def test_report_interrupted_says_how_to_resume(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tl_steer.report.pipeline as pipeline
+
+    class FakeModel:
+        class cfg:  # noqa: N801
+            n_layers = 4
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_model", lambda path: FakeModel())
+    monkeypatch.setattr(cli, "_load_sae", lambda *args: (None, ""))
+    monkeypatch.setattr(pipeline, "run_report", interrupted)
+    assert cli.main(["report", "--quick", "--out", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and f"{tmp_path / 'r'}/cache" in err and "resume" in err

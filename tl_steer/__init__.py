@@ -12,6 +12,8 @@ one strength ``m`` (``m = 0`` is exactly the clean model)::
 """
 
 from tl_steer.analysis.ab import ab_accuracy
+from tl_steer.analysis.capability import MCResult, mc_accuracy, mc_option_nll
+from tl_steer.analysis.gap import Condition, GapResult, capability_behavior_gap
 from tl_steer.analysis.manifold import ManifoldProbe
 from tl_steer.analysis.manifold_sweep import ManifoldSweepResult, manifold_sweep
 from tl_steer.analysis.method_comparison import ComparisonResult, compare_interventions, compare_methods
@@ -20,10 +22,13 @@ from tl_steer.analysis.sample_efficiency import sample_efficiency
 from tl_steer.data import (
     ABItem,
     ContrastivePair,
+    MCItem,
     builtin_concepts,
     load_ab_items,
+    load_mc_items,
     load_pairs,
     read_ab_items,
+    read_mc_items,
     read_pairs,
 )
 from tl_steer.errors import (
@@ -61,6 +66,15 @@ __version__ = "0.1.0"
 __all__ = [
     "ABItem",
     "ColdFD",
+    "Condition",
+    "GapResult",
+    "MCItem",
+    "MCResult",
+    "capability_behavior_gap",
+    "load_mc_items",
+    "mc_accuracy",
+    "mc_option_nll",
+    "read_mc_items",
     "SAEFeatureEdit",
     "rank_features",
     "sae_feature",

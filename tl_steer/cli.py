@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,50 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--n-test", type=int, default=None, help="use only the first N test pairs")
     sweep.add_argument("--out", default="out", help="directory for the figure and CSV tables (default: out)")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
+    _add_report(sub)
     return parser
+
+
+def _add_report(sub: Any) -> None:
+    from tl_steer.report.pipeline import METHODS
+
+    report = sub.add_parser(
+        "report",
+        help="the whole comparison on one concept: every method, sweeps, manifold distance, capability gap",
+        description=(
+            "Build interventions with every method (DiffMean, SFT and SPLIT in three forms, COLD-Kernel, COLD-FD, "
+            "an SAE feature, prompting) on the default model (or --model), sweep their strengths on held-out "
+            "pairs (preference and utility log-odds), probe the distance from the clean activations, measure "
+            "the capability-behaviour gap, and write report.html (figures embedded), the figures as PNG and the "
+            "numbers as CSV and JSON to --out. Finished steps are cached in OUT/cache: rerun the same command "
+            "after an interruption to resume."
+        ),
+    )
+    source = report.add_mutually_exclusive_group()
+    source.add_argument("--concept", default="sentiment", help="built-in concept (default: sentiment)")
+    source.add_argument("--pairs", help="a JSONL file of pairs (prompt, positive, negative); split 75/25")
+    report.add_argument("--layer", type=int, default=None, help="layer of blocks.L.hook_resid_post (default: middle)")
+    report.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"methods to include (default: all): {', '.join(METHODS)}",
+    )
+    report.add_argument(
+        "--forms",
+        nargs="+",
+        choices=["vector", "lora", "local_weight"],
+        default=None,
+        help="SFT/SPLIT forms (default: all three; --quick: vector)",
+    )
+    report.add_argument("--instruction", default=None, help="prompting baseline text (default: the concept's)")
+    report.add_argument("--model", default=None, help="a local Hugging Face model folder (default: SmolLM2-135M)")
+    report.add_argument("--sae", default=None, help="a local sae-lens SAE folder (default: the shipped one, layer 15)")
+    report.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    report.add_argument("--fresh", action="store_true", help="discard cached results in --out first")
+    report.add_argument("--out", default="report", help="output directory (default: report)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,6 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "report":
+            return _report(args)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", "the output directory")
+        print(
+            f"tl-steer: interrupted; finished steps are saved in {out}/cache; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
     except (TlSteerError, FileNotFoundError) as exc:
         print(f"tl-steer: error: {exc}", file=sys.stderr)
         return 2
@@ -125,6 +178,80 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'preference_utility.png'} and the CSV tables in {out}/")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tl_steer.data import load_pairs, read_pairs
+    from tl_steer.data.mc import load_mc_items
+    from tl_steer.data.pairs import CONCEPT_INSTRUCTIONS
+    from tl_steer.report.pipeline import ReportData, ReportSettings, run_report
+
+    out = Path(args.out)
+    _check_writable(out)
+    if args.pairs:
+        pairs = read_pairs(args.pairs)
+        if len(pairs) < 8:
+            raise TlSteerError(f"{args.pairs}: {len(pairs)} pairs; the report needs at least 8 (6 train, 2 test)")
+        cut = int(round(0.75 * len(pairs)))
+        train, test, name = pairs[:cut], pairs[cut:], Path(args.pairs).stem
+        instruction = args.instruction
+    else:
+        train, test, name = load_pairs(args.concept, "train"), load_pairs(args.concept, "test"), args.concept
+        instruction = args.instruction or CONCEPT_INSTRUCTIONS.get(args.concept)
+    model = _load_model(args.model)
+    layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
+    if not 0 <= layer < model.cfg.n_layers:
+        raise TlSteerError(f"--layer must be in 0..{model.cfg.n_layers - 1}, got {layer}")
+    forms = tuple(args.forms or (("vector",) if args.quick else ("vector", "lora", "local_weight")))
+    settings = ReportSettings.make(
+        name, layer, quick=args.quick, methods=tuple(args.methods), forms=forms, instruction=instruction
+    )
+    if "prompting" in settings.methods and not instruction:
+        print("note: no --instruction for these pairs, so the prompting baseline is left out")
+    sae, note = _load_sae(args.sae, f"blocks.{layer}.hook_resid_post", "sae" in settings.methods)
+    data = ReportData(
+        name,
+        train[: settings.n_train],
+        test[: settings.n_test],
+        load_mc_items()[: settings.n_mc],
+        sae,
+        note,
+    )
+    start = time.perf_counter()
+    result = run_report(model, data, settings, out, fresh=args.fresh)
+    print(f"wrote {out / 'report.html'} and {len(result.files) - 1} other files in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _load_model(path: str | None) -> Any:
+    from tl_steer.models import hooked_from_hf, load_default_model
+
+    if path is None:
+        return load_default_model()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise TlSteerError(f"--model {path!r} is not a folder; give a local Hugging Face model folder")
+    return hooked_from_hf(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+
+
+def _load_sae(path: str | None, hook: str, wanted: bool) -> tuple[Any, str]:
+    """The SAE to steer with, or None and a note saying why there is none."""
+    if not wanted:
+        return None, ""
+    if path is not None:
+        from sae_lens import SAE
+
+        if not Path(path).is_dir():
+            raise TlSteerError(f"--sae {path!r} is not a folder; give a folder saved by sae-lens (cfg.json + weights)")
+        sae = SAE.load_from_disk(path)
+    else:
+        from tl_steer.default_sae import load_default_sae
+
+        sae = load_default_sae()
+    if sae.cfg.metadata.hook_name != hook:
+        return None, f"SAE feature steering left out: the SAE reads {sae.cfg.metadata.hook_name}, not {hook}."
+    return sae, ""
 
 
 def _check_writable(out: Path) -> None:

@@ -141,12 +141,25 @@ def compare_interventions(
         grid = [r * m_t for r in rel]
         sweeps.append(preference_utility(model, iv, items, grid, label=name, batch_size=batch_size, progress=progress))
     result = PreferenceUtilityResult.concat(sweeps)
-    summary = result.summary()
-    ranges = result.utility_range(within).set_index("label")
+    return ComparisonResult(result, tabulate_comparison(result, interventions, within, train_seconds), within)
+
+
+def tabulate_comparison(
+    sweeps: PreferenceUtilityResult,
+    interventions: Mapping[str, Intervention],
+    within: float = 1.0,
+    train_seconds: Mapping[str, float] | None = None,
+) -> pd.DataFrame:
+    """The one-row-per-condition table of :class:`ComparisonResult` from sweeps already computed (labels
+    are the condition names; each sweep must include m = 0 and its intervention's trained strength)."""
+    summary = sweeps.summary()
+    ranges = sweeps.utility_range(within).set_index("label")
     rows = []
     for name, iv in interventions.items():
         m_t = trained_strength(iv)
         part = summary[summary["label"] == name]
+        if part.empty:
+            raise ConfigError(f"no sweep for condition {name!r}")
         at = part.loc[(part["m"] - m_t).abs().idxmin()]
         zero = part.loc[part["m"].abs().idxmin()]
         rng = ranges.loc[name]
@@ -166,7 +179,7 @@ def compare_interventions(
                 "train_s": (train_seconds or {}).get(name, float("nan")),
             }
         )
-    return ComparisonResult(result, pd.DataFrame(rows), within)
+    return pd.DataFrame(rows)
 
 
 def compare_methods(

@@ -1,9 +1,9 @@
-"""Reading JSON Lines files of string records, with errors that name the file and the line."""
+"""Reading JSON Lines files of records, with errors that name the file and the line."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -11,15 +11,54 @@ from tl_steer.errors import DataError
 
 T = TypeVar("T")
 
+JsonType = type | tuple[type, ...]
 
-def read_records(path: str | Path, fields: Sequence[str], make: Callable[..., T], *, what: str = "records") -> list[T]:
-    """Read ``path`` (JSON Lines), check every line holds an object with the string ``fields``, and build
+_JSON_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def _type_phrase(kinds: tuple[type, ...]) -> str:
+    names = [_JSON_NAMES.get(kind, kind.__name__) for kind in kinds]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" or {names[-1]}"
+
+
+def _has_type(value: object, kinds: tuple[type, ...]) -> bool:
+    # JSON true/false load as bool, a subclass of int: accept them only where bool is asked for.
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds)
+
+
+def read_records(
+    path: str | Path,
+    fields: Sequence[str],
+    make: Callable[..., T],
+    *,
+    what: str = "records",
+    types: Mapping[str, JsonType] | None = None,
+) -> list[T]:
+    """Read ``path`` (JSON Lines), check every line holds an object with the ``fields``, and build
     ``make(*values)`` from each; a :class:`DataError` raised by ``make`` is re-raised with the file and line.
+
+    Every field must be a string unless ``types`` maps it to another JSON type (or a tuple of them, e.g.
+    ``{"options": list, "answer": (int, str)}``); a JSON boolean counts as an integer only where ``bool``
+    is asked for. Only the top-level type is checked here: ``make`` checks what is inside.
 
     Blank lines are skipped; a missing file is a ``FileNotFoundError``, a file that is not UTF-8 or holds
     no record is a :class:`DataError`.
     """
     path = Path(path)
+    kinds: dict[str, tuple[type, ...]] = {name: (str,) for name in fields}
+    for name, kind in (types or {}).items():
+        if name not in kinds:
+            raise ValueError(f"types names {name!r}, which is not one of the fields {', '.join(fields)}")
+        kinds[name] = kind if isinstance(kind, tuple) else (kind,)
     if not path.is_file():
         raise FileNotFoundError(f"no such {what} file: {path}")
     try:
@@ -40,8 +79,10 @@ def read_records(path: str | Path, fields: Sequence[str], make: Callable[..., T]
         for name in fields:
             if name not in record:
                 raise DataError(f"{where}: missing field {name!r}")
-            if not isinstance(record[name], str):
-                raise DataError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
+            if not _has_type(record[name], kinds[name]):
+                raise DataError(
+                    f"{where}: field {name!r} must be {_type_phrase(kinds[name])}, got {type(record[name]).__name__}"
+                )
         try:
             out.append(make(*(record[name] for name in fields)))
         except DataError as exc:

@@ -1,0 +1,5 @@
+"""``tl-steer report``: the whole comparison on one concept, written as HTML, PNG, CSV and JSON."""
+
+from tl_steer.report.pipeline import METHODS, ReportData, ReportResult, ReportSettings, run_report
+
+__all__ = ["METHODS", "ReportData", "ReportResult", "ReportSettings", "run_report"]

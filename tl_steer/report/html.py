@@ -1,0 +1,93 @@
+"""A self-contained HTML report: text, tables and PNG figures embedded as data URIs (readable offline)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: .85em; margin: 1em 0; }
+th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: right; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: .9em; color: #444; margin-top: .3em; }
+.note { color: #8a5a00; } code { background: #f4f4f4; padding: 0 .2em; }
+"""
+
+
+# After loading, the page records on <body> how many figures decoded and how many sections are empty, so
+# that a headless browser (the tests use Chromium's --dump-dom) can check the report as a reader sees it.
+_SELF_CHECK = """
+window.addEventListener('load', () => {
+  const images = Array.from(document.images);
+  const loaded = images.filter((img) => img.complete && img.naturalWidth > 0).length;
+  const empty = Array.from(document.querySelectorAll('section'))
+    .filter((s) => s.querySelectorAll('p, table, figure').length === 0).length;
+  document.body.dataset.figures = images.length;
+  document.body.dataset.figuresLoaded = loaded;
+  document.body.dataset.emptySections = empty;
+});
+"""
+
+
+@dataclass
+class Figure:
+    """A PNG file and the one-line caption that says what to look for in it."""
+
+    path: Path
+    caption: str
+
+
+@dataclass
+class Section:
+    """A heading with paragraphs (plain text, escaped), tables (title, DataFrame) and figures."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _figure(fig: Figure) -> str:
+    data = base64.b64encode(Path(fig.path).read_bytes()).decode("ascii")
+    caption = html.escape(fig.caption)
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
+        f"<figcaption>{caption} <small>({html.escape(Path(fig.path).name)})</small></figcaption></figure>"
+    )
+
+
+def _table(title: str, frame: pd.DataFrame) -> str:
+    body = frame.to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="–", border=0)
+    return f"<h3>{html.escape(title)}</h3>{body}" if title else body
+
+
+def render(title: str, sections: list[Section]) -> str:
+    """The whole report as one HTML document."""
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
+    parts.append(f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>")
+    parts.append("<nav><ol>")
+    parts += [f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(sections)]
+    parts.append("</ol></nav>")
+    for i, section in enumerate(sections):
+        parts.append(f"<section id='s{i}'><h2>{html.escape(section.title)}</h2>")
+        parts += [f"<p>{html.escape(p)}</p>" for p in section.paragraphs]
+        parts += [f"<p class='note'>{html.escape(n)}</p>" for n in section.notes]
+        parts += [_table(t, f) for t, f in section.tables]
+        parts += [_figure(f) for f in section.figures]
+        parts.append("</section>")
+    parts.append(f"<script>{_SELF_CHECK}</script></body></html>")
+    return "\n".join(parts)
+
+
+def write(path: str | Path, title: str, sections: list[Section]) -> Path:
+    path = Path(path)
+    path.write_text(render(title, sections), encoding="utf-8")
+    return path

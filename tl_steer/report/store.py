@@ -1,0 +1,85 @@
+"""The report's results on disk, step by step, so that a run that was interrupted resumes where it stopped.
+
+Every finished step writes its result under ``DIR/cache/`` (CSV for tables, JSON for small records,
+safetensors for interventions) through a temporary file and a rename, so a file is either complete or
+absent. The run's settings are kept in ``DIR/cache/settings.json``: resuming with other settings is
+refused rather than mixing results of two configurations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from transformer_lens import HookedTransformer
+
+from tl_steer.errors import ConfigError
+from tl_steer.interventions import Intervention
+from tl_steer.io import load, save
+
+
+def _name(key: str) -> str:
+    return key.replace("/", "__").replace(" ", "_")
+
+
+class Store:
+    """Cached step results under ``root/cache``."""
+
+    def __init__(self, root: Path, settings: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.cache = self.root / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        path = self.cache / "settings.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved != settings:
+                changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+                raise ConfigError(
+                    f"{self.root} holds results of a run with other settings ({', '.join(changed)} differ); "
+                    "use another --out directory, or --fresh to discard the old results"
+                )
+        else:
+            self._atomic(path, lambda p: p.write_text(json.dumps(settings, indent=1, sort_keys=True)))
+
+    @staticmethod
+    def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
+        tmp = path.with_name(f".partial-{path.name}")  # same suffix: save() keys on it
+        write(tmp)
+        os.replace(tmp, path)
+
+    def has(self, key: str, suffix: str) -> bool:
+        return (self.cache / f"{_name(key)}{suffix}").exists()
+
+    def frame(self, key: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+        path = self.cache / f"{_name(key)}.csv"
+        if path.exists():
+            return pd.read_csv(path)
+        frame = compute()
+        self._atomic(path, lambda p: frame.to_csv(p, index=False))
+        return frame
+
+    def record(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = self.cache / f"{_name(key)}.json"
+        if path.exists():
+            result: dict[str, Any] = json.loads(path.read_text())
+            return result
+        value = compute()
+        self._atomic(path, lambda p: p.write_text(json.dumps(value, indent=1)))
+        return value
+
+    def intervention(self, key: str, compute: Callable[[], Intervention], model: HookedTransformer) -> Intervention:
+        path = self.cache / f"{_name(key)}.safetensors"
+        if path.exists():
+            return load(path, model=model)
+        iv = compute()
+        self._atomic(path, lambda p: save(iv, p))
+        return iv
+
+    def clear(self) -> None:
+        for path in self.cache.glob("*"):
+            if path.is_file():
+                path.unlink()
