@@ -81,7 +81,7 @@ class ReportSettings:
         if bad:
             raise ConfigError(f"unknown form(s) {', '.join(bad)}; valid forms: {', '.join(FORMS)}")
         sizes: dict[str, Any] = (
-            {"n_train": 24, "n_test": 16, "epochs": 1, "n_cold": 8, "n_mc": 40, "n_probe_texts": 48} if quick else {}
+            {"n_train": 48, "n_test": 16, "epochs": 1, "n_cold": 8, "n_mc": 40, "n_probe_texts": 96} if quick else {}
         )
         return cls(concept=concept, layer=layer, quick=quick, **(sizes | kwargs))
 
@@ -218,6 +218,7 @@ def run_report(
                 ),
             )
         )
+    log(f"preference and utility: {len(sweeps)} conditions swept")
     pu = PreferenceUtilityResult(pd.concat(sweeps, ignore_index=True), "mean", 1e-6)
     steered = PreferenceUtilityResult(pu.table[pu.table["label"].isin(list(interventions))], "mean", 1e-6)
     comparison = tabulate_comparison(steered, interventions, train_seconds=seconds)
@@ -225,10 +226,11 @@ def run_report(
 
     bar.set_postfix_str("manifold distance")
     manifold = _manifold(model, data, settings, interventions, store, hook)
+    log("manifold distance: done")
     bar.update()
 
     bar.set_postfix_str("capability-behaviour gap")
-    gap = _gap(model, data, settings, interventions, store) if data.items else None
+    gap = _gap(model, data, settings, interventions, store, log) if data.items else None
     bar.update()
 
     bar.set_postfix_str("writing")
@@ -282,6 +284,7 @@ def _gap(
     settings: ReportSettings,
     interventions: dict[str, Intervention],
     store: Store,
+    log: Callable[[str], None] = print,
 ) -> GapResult:
     conditions: list[Condition] = [Condition(BASELINE)]
     if "prompting" in settings.methods and settings.instruction:
@@ -301,6 +304,7 @@ def _gap(
                 partial(_gap_items, model, c, data.test, data.items),
             )
         )
+        log(f"capability-behaviour gap: {c.name} scored")
     return GapResult(pd.concat(frames, ignore_index=True), conditions)
 
 
@@ -405,7 +409,8 @@ def _write(
             continue
         try:
             fit = PreferenceUtilityResult(rel[rel["label"] == label], "mean", 1e-6).fit_decay()[label]
-            fits.append({"condition": label, "R2 PrefOdds": fit["pref"].r2, "R2 UtilOdds": fit["util"].r2})
+            params = {f"{kind}_{k}": v for kind in ("pref", "util") for k, v in fit[kind].params.items()}
+            fits.append({"condition": label, "R2 PrefOdds": fit["pref"].r2, "R2 UtilOdds": fit["util"].r2} | params)
         except (ValueError, RuntimeError) as exc:
             fits.append({"condition": label, "R2 PrefOdds": math.nan, "R2 UtilOdds": math.nan, "note": str(exc)})
     prompting = pu.summary().query("label == 'prompting'")
@@ -429,7 +434,11 @@ def _write(
         ),
         tables=[
             ("", table("comparison", shown)),
-            ("Decay-model fits (on the relative strength)", table("decay_fits", pd.DataFrame(fits))),
+            (
+                "Decay-model fits on m / m_trained (8 free parameters for 9 strengths: an R^2 near 1 is "
+                "expected and is no evidence on its own; the parameters are in decay_fits.csv)",
+                table("decay_fits", pd.DataFrame(fits)).iloc[:, :3],
+            ),
         ],
         figures=[
             html.Figure(
