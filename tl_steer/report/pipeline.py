@@ -186,10 +186,14 @@ def run_report(
     hook = f"blocks.{settings.layer}.hook_resid_post"
     if not 0 <= settings.layer < model.cfg.n_layers:
         raise ConfigError(f"layer must be in 0..{model.cfg.n_layers - 1}, got {settings.layer}")
-    store = Store(out, settings.to_json() | {"data": data.name, "model": model.cfg.model_name})
+    # Every cached result is per method, so a rerun may add or drop methods and forms; any other change
+    # (data, sizes, layer, model) would mix results of two configurations.
+    keyed = {k: v for k, v in settings.to_json().items() if k not in ("methods", "forms")}
+    keyed |= {"data": data.name, "model": model.cfg.model_name}
+    store = Store(out, keyed)
     if fresh:
         store.clear()
-        store = Store(out, settings.to_json() | {"data": data.name, "model": model.cfg.model_name})
+        store = Store(out, keyed)
     bar = tqdm(_steps(settings), desc="tl-steer report", disable=not progress, unit="step")
     files: list[Path] = []
 
