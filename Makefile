@@ -17,6 +17,24 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# The performance harness (about 10-15 min; `make bench BENCH_ARGS=--quick`: about 6 min), written to
+# benchmarks/results/bench.md. The peer library steering-vectors gets its own venv (it needs transformers < 5);
+# if that install fails, the harness still runs and reports the peer as blocked, with the reason.
+PEER_VENV  := .venv-peer
+PEER_STAMP := $(PEER_VENV)/.installed
+BENCH_ARGS ?=
+
+bench: $(STAMP)
+	-$(MAKE) --no-print-directory $(PEER_STAMP)
+	$(BIN)/python benchmarks/bench.py --peer-python $(PEER_VENV)/bin/python $(BENCH_ARGS)
+
+$(PEER_STAMP): benchmarks/peer-requirements.txt
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(PEER_VENV)/bin/python -m pip install -q -r benchmarks/peer-requirements.txt
+	touch $(PEER_STAMP)
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
