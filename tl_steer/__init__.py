@@ -31,6 +31,7 @@ from tl_steer.data import (
     read_mc_items,
     read_pairs,
 )
+from tl_steer.default_sae import load_default_sae
 from tl_steer.errors import (
     ConfigError,
     DataError,
@@ -112,6 +113,7 @@ __all__ = [
     "hooked_from_hf",
     "load",
     "load_default_model",
+    "load_default_sae",
     "load_pairs",
     "manifold_sweep",
     "model_identity",
