@@ -196,23 +196,24 @@ class GapResult:
             )
             if cond.steers:
                 for m, gx, gy in zip(ms, x["gain"], y["gain"], strict=True):
-                    ax.annotate(f"m={m:g}", (gx, 100 * gy), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                    if m != 0:
+                        ax.annotate(f"m={m:.3g}", (gx, 100 * gy), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="grey", lw=0.6)
         ax.axvline(0, color="grey", lw=0.6)
         unit = "PrefOdds gain (nats per token)" if metric == "pref_odds" else f"{metric} gain"
         ax.set_xlabel(f"behaviour: {unit} over no steering")
-        ax.set_ylabel("capability: change in multiple-choice accuracy (percentage points)")
+        ax.set_ylabel("capability: accuracy change (percentage points)")
         ax.set_title(title or "Capability-behaviour gap: what each behaviour gain costs in accuracy")
         ax.legend(fontsize=7, loc="best")
         fig.text(
             0.01,
             0.01,
-            "Lines: steering across strengths m; squares: prompting / no steering. Bars: 95% bootstrap CIs. "
-            "Look for: steering points below prompting's at the same behaviour gain (the gap).",
+            "Lines: steering across strengths m (from m = 0); squares: prompting and no steering. Bars: 95% "
+            "bootstrap CIs.\nLook for: steering points below prompting's at the same behaviour gain (the gap).",
             fontsize=7,
             va="bottom",
         )
-        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         if path is not None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
