@@ -6,9 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint bench clean
 
-# The main job on the default model (SmolLM2-135M-Instruct, offline).
+# The main job on the default model (SmolLM2-135M-Instruct, offline): the whole comparison, written to
+# report/report.html. `make run RUN_ARGS=--quick` for the small version; finished steps are cached in
+# report/cache, so an interrupted run resumes.
+RUN_ARGS ?=
+
 run: $(STAMP)
-	$(BIN)/tl-steer sweep
+	$(BIN)/tl-steer report --out report $(RUN_ARGS)
 
 # Lint, types, and the whole test suite (tiny models and the default model).
 test: $(STAMP)
