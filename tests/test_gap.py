@@ -122,3 +122,18 @@ def test_bad_input(model, vector) -> None:
     with pytest.raises(ValueError, match="finite"):
         capability_behavior_gap(model, [Condition("vec", vector)], HELD_OUT, ITEMS, ms=(0, float("nan")))
     assert no_hooks_left(model)
+
+
+def test_parts_without_zero_or_baseline(model, vector) -> None:
+    part = capability_behavior_gap(
+        model,
+        [Condition("vec", vector, ms=(2.0,))],
+        HELD_OUT,
+        ITEMS,
+        include_baseline=False,
+        include_zero=False,
+        progress=False,
+    )
+    assert set(part.items["condition"]) == {"vec"} and set(part.items["m"]) == {2.0}
+    with pytest.raises(ConfigError, match="no conditions"):
+        capability_behavior_gap(model, [], HELD_OUT, ITEMS, include_baseline=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,14 +272,16 @@ def capability_behavior_gap(
     batch_size: int = 16,
     level: float = 0.95,
     include_baseline: bool = True,
+    include_zero: bool = True,
     progress: bool = True,
 ) -> GapResult:
     """Behaviour, utility and capability of every condition (steering ones at every m of ``ms``, the
     others at m = 0) on the same items; see the module docstring. A condition named "no steering"
     (no intervention, no instruction) is added if missing: it is the reference of every test.
 
-    ``include_baseline=False`` leaves it out (for computing conditions in parts and joining their
-    ``items`` tables; the tests need it back in the joined result)."""
+    ``include_baseline=False`` leaves it out, and ``include_zero=False`` the m = 0 point of the steering
+    conditions (for computing conditions in parts and joining their ``items`` tables; the tests need the
+    baseline back in the joined result)."""
     pairs = check_pairs(behavior_pairs)
     items = list(capability_items)
     if not items:
@@ -303,22 +306,27 @@ def capability_behavior_gap(
         if c.intervention is not None:
             c.intervention.check(model)
         own = grid if c.ms is None else sorted({check_strength(m) for m in c.ms} | {0.0})
+        if not include_zero:
+            own = [m for m in own if m != 0.0]
         grids[c.name] = own if c.steers else [0.0]
     frames = []
     jobs = [(c, m) for c in conds for m in grids[c.name]]
     bar = tqdm(jobs, desc="capability-behaviour gap", disable=not progress)
     sweeps = {}
     for c in conds:  # one cached-prefix sweep per condition gives behaviour and utility at every m
-        sweeps[c.name] = preference_utility(
-            model,
-            c.intervention,
-            pairs,
-            grids[c.name],
-            label=c.name,
-            instruction=c.instruction,
-            batch_size=batch_size,
-            progress=False,
-        ).table
+        with warnings.catch_warnings():
+            # without m = 0 (include_zero=False) the reference is the separate no-steering condition
+            warnings.filterwarnings("ignore", message="the strength grid has no m = 0")
+            sweeps[c.name] = preference_utility(
+                model,
+                c.intervention,
+                pairs,
+                grids[c.name],
+                label=c.name,
+                instruction=c.instruction,
+                batch_size=batch_size,
+                progress=False,
+            ).table
     for c, m in bar:
         bar.set_postfix_str(f"{c.name}, m={m:g}")
         ivs = [c.intervention] if c.intervention is not None and m != 0 else []

@@ -11,11 +11,12 @@ Steps, each cached in ``DIR/cache`` (see :mod:`tl_steer.report.store`):
 2. preference and utility of each on the test pairs over ``m = r * m_trained`` (and prompting, and
    the decay-model fit);
 3. the manifold distance of the steered residual stream, for DiffMean and the SPLIT vector;
-4. the capability-behaviour gap at ``m_trained`` and ``2 m_trained`` against prompting.
+4. the capability-behaviour gap at 0.25, 1 and 2 x ``m_trained`` against prompting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -51,6 +52,9 @@ from tl_steer.report.store import Store
 METHODS = ("diffmean", "sft", "split", "cold_kernel", "cold_fd", "sae", "prompting")
 # Nine strengths: the decay model has nine parameters (one constraint), so fewer points would fit exactly.
 RELATIVE = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+# The gap's strengths: a quarter of m_trained reaches about the behaviour gain of prompting, so that the
+# matched comparison has a steering point near it.
+GAP_RELATIVE = (0.25, 1.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -296,18 +300,17 @@ def _gap(
     for name, iv in interventions.items():
         if name.startswith("sft/") or (name.startswith("split/") and name != "split/vector"):
             continue  # one SPLIT form stands for the trained interventions; the gap is about kinds of control
-        m_t = trained_strength(iv)
-        conditions.append(Condition(name, iv, ms=(m_t, 2 * m_t)))
+        ms = tuple(r * trained_strength(iv) for r in GAP_RELATIVE)
+        conditions.append(Condition(name, iv, ms=ms))
         if name == "diffmean" and settings.instruction:
-            conditions.append(Condition("diffmean + prompting", iv, settings.instruction, ms=(m_t, 2 * m_t)))
+            conditions.append(Condition("diffmean + prompting", iv, settings.instruction, ms=ms))
     frames = []
     for c in conditions:
-        frames.append(
-            store.frame(
-                f"gap/{c.name}",
-                partial(_gap_items, model, c, data.test, data.items),
-            )
-        )
+        # one cache entry per strength, so that a rerun with more strengths computes only the new ones
+        for m in c.ms or (0.0,):
+            one = dataclasses.replace(c, ms=(m,)) if c.steers else c
+            key = f"gap/{c.name}@{m / trained_strength(c.intervention):g}" if c.intervention else f"gap/{c.name}"
+            frames.append(store.frame(key, partial(_gap_items, model, one, data.test, data.items)))
         log(f"capability-behaviour gap: {c.name} scored")
     return GapResult(pd.concat(frames, ignore_index=True), conditions)
 
@@ -349,7 +352,13 @@ def _gap_items(
 ) -> pd.DataFrame:
     baseline = condition.name == BASELINE
     return capability_behavior_gap(
-        model, [] if baseline else [condition], pairs, items, include_baseline=baseline, progress=False
+        model,
+        [] if baseline else [condition],
+        pairs,
+        items,
+        include_baseline=baseline,
+        include_zero=False,
+        progress=False,
     ).items
 
 
