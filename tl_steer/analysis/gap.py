@@ -209,7 +209,7 @@ class GapResult:
         fig.text(
             0.01,
             0.01,
-            "Lines: steering across strengths m (from m = 0); squares: prompting and no steering. Bars: 95% "
+            "Lines: steering across strengths m (labelled); squares: prompting and no steering. Bars: 95% "
             "bootstrap CIs.\nLook for: steering points below prompting's at the same behaviour gain (the gap).",
             fontsize=7,
             va="bottom",

@@ -91,12 +91,12 @@ class ComparisonResult:
         ax.plot(clean["util_odds"].mean(), clean["pref_odds"].mean(), "kX", ms=9, label="clean (m = 0)")
         ax.set_xlabel("UtilOdds (nats per token; right = completions more likely)")
         ax.set_ylabel("PrefOdds (nats per token; up = concept preferred)")
-        ax.set_title(title or "Preference against utility, from m = 0 to 2 x the trained strength")
+        ax.set_title(title or "Preference against utility as the strength grows from m = 0")
         ax.legend(fontsize=7, loc="best")
         fig.text(
             0.01,
             0.01,
-            "Each line: one method's sweep over m = 0 .. 2 x m trained; star: at m trained. "
+            "Each line: one method's sweep over its strengths m >= 0; star: at m trained. "
             "Look for: stars up (more preference) without moving left (lost utility).",
             fontsize=7,
             va="bottom",
