@@ -35,7 +35,7 @@ from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.ab import ab_scores
 from tl_steer.analysis.capability import mc_accuracy
-from tl_steer.analysis.plots import _pyplot
+from tl_steer.analysis.plots import _pyplot, finish_figure
 from tl_steer.analysis.preference_utility import preference_utility
 from tl_steer.analysis.stats import bootstrap_ci
 from tl_steer.data.ab import ABItem, check_ab_items
@@ -206,21 +206,13 @@ class GapResult:
         ax.set_ylabel("capability: accuracy change (percentage points)")
         ax.set_title(title or "Capability-behaviour gap: what each behaviour gain costs in accuracy")
         ax.legend(fontsize=7, loc="best")
-        fig.text(
-            0.01,
-            0.01,
+        return finish_figure(
+            fig,
+            path,
             "Lines: steering across strengths m (labelled); squares: prompting and no steering. Bars: 95% "
             "bootstrap CIs.\nLook for: steering points below prompting's at the same behaviour gain (the gap).",
-            fontsize=7,
-            va="bottom",
+            bottom=0.07,
         )
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
-        if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path)
-            plt.close(fig)
-        return fig
 
 
 def paired_test(metric: str, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:

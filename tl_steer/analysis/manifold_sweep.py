@@ -238,7 +238,7 @@ class ManifoldSweepResult:
         """Left: the mean percentile of ``distance`` (solid) and of the kNN distance (dashed) against m, per
         condition. Right: UtilOdds against ``distance`` (faint: pairs; markers: per-m means, labelled with m).
         Saves a PNG if ``path`` is given; returns the matplotlib figure."""
-        from tl_steer.analysis.plots import _pyplot
+        from tl_steer.analysis.plots import _pyplot, finish_figure
 
         if distance not in self.distances or f"{distance}_pct" not in self.table.columns:
             raise ValueError(f"distance must be one of the calibrated distances {self.distances}, got {distance!r}")
@@ -285,23 +285,16 @@ class ManifoldSweepResult:
         right.set_title("Utility log-odds against distance", fontsize=9)
         right.legend(fontsize=6, loc="best")
         fig.suptitle(title or "Manifold distance of steered activations, and utility", fontsize=11)
-        fig.text(
-            0.01,
-            0.01,
+        return finish_figure(
+            fig,
+            path,
             "Left: mean over pairs of the per-token percentile; 0.5 = a typical clean token, 0.99 = more unusual "
             "than 99% of held-out clean tokens. Baselines: random directions of the intervention's norm\n(isotropic; "
             "drawn from the clean covariance), same hook and positions. Right: faint dots are pairs, markers the "
             "means per m (labelled with m). Look for: UtilOdds falling as the distance rises.",
-            fontsize=7,
-            va="bottom",
+            bottom=0.06,
+            top=0.96,
         )
-        fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-        if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path)
-            plt.close(fig)
-        return fig
 
 
 _UNITS = {

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from tl_steer.analysis.plots import _pyplot
+from tl_steer.analysis.plots import _pyplot, finish_figure
 from tl_steer.analysis.preference_utility import PreferenceUtilityResult, preference_utility
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError
@@ -93,21 +93,13 @@ class ComparisonResult:
         ax.set_ylabel("PrefOdds (nats per token; up = concept preferred)")
         ax.set_title(title or "Preference against utility as the strength grows from m = 0")
         ax.legend(fontsize=7, loc="best")
-        fig.text(
-            0.01,
-            0.01,
+        return finish_figure(
+            fig,
+            path,
             "Each line: one method's sweep over its strengths m >= 0; star: at m trained. "
             "Look for: stars up (more preference) without moving left (lost utility).",
-            fontsize=7,
-            va="bottom",
+            bottom=0.05,
         )
-        fig.tight_layout(rect=(0, 0.05, 1, 1))
-        if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path)
-            plt.close(fig)
-        return fig
 
 
 def compare_interventions(

@@ -18,6 +18,19 @@ def _pyplot() -> Any:
     return plt
 
 
+def finish_figure(fig: Any, path: str | Path | None, caption: str, *, bottom: float = 0.07, top: float = 1.0) -> Any:
+    """Put ``caption`` (what the figure shows and what to look for) under the axes, lay the figure out, and
+    save it as ``path`` (closing it) when a path is given; return the figure."""
+    fig.text(0.01, 0.01, caption, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, bottom, 1, top))
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        _pyplot().close(fig)
+    return fig
+
+
 def plot_preference_utility(
     summary: pd.DataFrame,
     path: str | Path | None = None,
@@ -49,19 +62,10 @@ def plot_preference_utility(
     ax.set_ylabel(f"log-odds ({unit})")
     ax.set_title(title or "Preference and utility log-odds against steering strength")
     ax.legend(fontsize=7, loc="best", ncol=2 if fits else 1)
-    fig.text(
-        0.01,
-        0.01,
+    return finish_figure(
+        fig,
+        path,
         "Solid: PrefOdds = L_n - L_p (higher = concept preferred). Dashed: UtilOdds = log(P_u / (1 - P_u)), "
         "P_u = e^-L_p + e^-L_n.\nBands: 95% bootstrap CI over pairs. Look for: preference rising with m while "
         "utility falls away from m = 0.",
-        fontsize=7,
-        va="bottom",
     )
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-    return fig

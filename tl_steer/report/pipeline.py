@@ -539,7 +539,7 @@ def _write(
 
 
 def _plot_manifold(frame: pd.DataFrame, path: Path) -> None:
-    from tl_steer.analysis.plots import _pyplot
+    from tl_steer.analysis.plots import _pyplot, finish_figure
 
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
@@ -558,10 +558,7 @@ def _plot_manifold(frame: pd.DataFrame, path: Path) -> None:
     a.legend(fontsize=7)
     b.legend(fontsize=7)
     fig.suptitle("Distance from the clean activations and utility against strength")
-    fig.text(0.01, 0.01, "Look for: utility falling where the distance rises.", fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    fig.savefig(path)
-    plt.close(fig)
+    finish_figure(fig, path, "Look for: utility falling where the distance rises.", bottom=0.04, top=0.95)
 
 
 __all__ = ["METHODS", "ReportData", "ReportResult", "ReportSettings", "run_report"]
