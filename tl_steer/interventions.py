@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from tl_steer.errors import HookNameError, ModelMismatchError, ShapeError
+from tl_steer.errors import ConfigError, HookNameError, ModelMismatchError, ShapeError
 from tl_steer.hookpoints import HookSite, validate_hook
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionPolicy, PositionsLike, PositionState, steer_mask
@@ -269,6 +269,25 @@ class AddVector(Intervention):
     @classmethod
     def from_saved(cls, config: dict[str, Any], tensors: dict[str, Tensor], common: dict[str, Any]) -> AddVector:
         return cls(config["hook"], tensors["vector"], **common)
+
+
+InterventionsLike = Intervention | Sequence[Intervention] | None
+
+
+def as_intervention_list(interventions: InterventionsLike) -> list[Intervention]:
+    """``None``, one intervention or a sequence of them, as a list; raise :class:`ConfigError` for anything
+    that is not an intervention (a string included), naming its position."""
+    if interventions is None:
+        return []
+    if isinstance(interventions, Intervention):
+        return [interventions]
+    if isinstance(interventions, str | bytes):
+        raise ConfigError(f"interventions must be Intervention objects, got {type(interventions).__name__}")
+    out = list(interventions)
+    for i, iv in enumerate(out):
+        if not isinstance(iv, Intervention):
+            raise ConfigError(f"interventions[{i}] is a {type(iv).__name__}, not an Intervention")
+    return out
 
 
 def registry() -> dict[str, type[Intervention]]:

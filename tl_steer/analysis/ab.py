@@ -19,12 +19,10 @@ from transformer_lens import HookedTransformer
 
 from tl_steer.data.ab import LETTERS, ABItem, check_ab_items, format_ab_prompt
 from tl_steer.errors import DataError
-from tl_steer.interventions import Intervention
+from tl_steer.interventions import InterventionsLike, as_intervention_list
 from tl_steer.positions import prompt_boundary
 from tl_steer.scoring import batches, pad_right, pad_token_id
 from tl_steer.steering import steer
-
-InterventionsLike = Intervention | Sequence[Intervention] | None
 
 
 def letter_token_ids(model: HookedTransformer) -> dict[str, int]:
@@ -70,14 +68,6 @@ def tokenize_ab(model: HookedTransformer, items: Sequence[ABItem]) -> list[list[
     return out
 
 
-def _as_list(intervention: InterventionsLike) -> list[Intervention]:
-    if intervention is None:
-        return []
-    if isinstance(intervention, Intervention):
-        return [intervention]
-    return list(intervention)
-
-
 def ab_scores(
     model: HookedTransformer,
     intervention: InterventionsLike,
@@ -92,7 +82,7 @@ def ab_scores(
     The whole formatted item counts as the prompt of the position policies.
     """
     items = check_ab_items(items)
-    ivs = _as_list(intervention)
+    ivs = as_intervention_list(intervention)
     letters = letter_token_ids(model)
     sequences = tokenize_ab(model, items)
     match = torch.tensor([letters[it.matching_letter] for it in items])

@@ -51,11 +51,10 @@ from transformer_lens import HookedTransformer
 from tl_steer.analysis.stats import bootstrap_ci
 from tl_steer.data.mc import MCItem, check_mc_items
 from tl_steer.errors import ConfigError
-from tl_steer.interventions import Intervention
+from tl_steer.interventions import InterventionsLike, as_intervention_list
 from tl_steer.scoring import completion_nll
 
 Normalize = Literal["mean", "sum"]
-InterventionsLike = Intervention | Sequence[Intervention] | None
 
 
 def format_mc_prompt(item: MCItem, instruction: str | None = None) -> str:
@@ -68,20 +67,6 @@ def format_mc_prompt(item: MCItem, instruction: str | None = None) -> str:
 def mc_completions(item: MCItem) -> list[str]:
     """The completion scored for each option: the option text after a space."""
     return [f" {option}" for option in item.options]
-
-
-def _interventions(interventions: InterventionsLike) -> list[Intervention]:
-    if interventions is None:
-        return []
-    if isinstance(interventions, Intervention):
-        return [interventions]
-    if isinstance(interventions, str | bytes):
-        raise ConfigError(f"interventions must be Intervention objects, got {type(interventions).__name__}")
-    out = list(interventions)
-    for i, iv in enumerate(out):
-        if not isinstance(iv, Intervention):
-            raise ConfigError(f"interventions[{i}] is a {type(iv).__name__}, not an Intervention")
-    return out
 
 
 def _check_options(normalize: object, batch_size: object, instruction: object, chat: object) -> None:
@@ -120,7 +105,7 @@ def mc_option_nll(
     """
     items = check_mc_items(items)
     _check_options(normalize, batch_size, instruction, chat)
-    ivs = _interventions(interventions)
+    ivs = as_intervention_list(interventions)
     prompts: list[str] = []
     completions: list[str] = []
     for item in items:
