@@ -59,8 +59,10 @@ def main() -> None:
         gguf = Path(sys.argv[1])
         start = time.perf_counter()
         # As tl_steer.models._convert_gguf: transformers de-quantizes the GGUF weights to float32.
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
         model.eval()
         versions = {p: importlib.metadata.version(p) for p in ("steering-vectors", "transformers", "torch")}
         reply(

@@ -232,7 +232,9 @@ def _load_model(path: str | None) -> Any:
 
     if not Path(path).is_dir():
         raise TlSteerError(f"--model {path!r} is not a folder; give a local Hugging Face model folder")
-    return hooked_from_hf(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+    # local_files_only: a folder missing a file is an error here, never a download
+    hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return hooked_from_hf(hf, AutoTokenizer.from_pretrained(path, local_files_only=True))
 
 
 def _load_sae(path: str | None, hook: str, wanted: bool) -> tuple[Any, str]:

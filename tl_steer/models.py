@@ -220,8 +220,10 @@ def _convert_gguf(gguf: Path) -> tuple[HookedTransformer, Any, Any]:
     previous = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
     finally:
         if previous is None:
             os.environ.pop("TQDM_DISABLE", None)
@@ -267,7 +269,7 @@ def _load_cached(folder: Path, *, dtype: torch.dtype, device: str | torch.device
     from transformers import AutoTokenizer
 
     hf_cfg = json.loads((folder / "config.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
     with _quiet_tl():
         cfg = loading.get_pretrained_model_config(
             str(folder),
