@@ -426,7 +426,9 @@ def _write(
             fits.append({"condition": label, "R2 PrefOdds": fit["pref"].r2, "R2 UtilOdds": fit["util"].r2} | params)
         except (ValueError, RuntimeError) as exc:
             fits.append({"condition": label, "R2 PrefOdds": math.nan, "R2 UtilOdds": math.nan, "note": str(exc)})
-    prompting = pu.summary().query("label == 'prompting'")
+    # two means; the bootstrapped summary of every condition is not needed for them
+    prompting = pu.table.loc[pu.table["label"] == "prompting", ["pref_odds", "util_odds"]].mean().to_frame().T
+    prompting = prompting.dropna()
     shown = comparison[
         ["condition", "m_trained", "pref_odds", "d_pref", "util_odds", "d_util", "m_low", "m_high", "train_s"]
     ]
