@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test fuzz lint bench clean
 
 # The main job on the default model (SmolLM2-135M-Instruct, offline): the whole comparison, written to
 # report/report.html. `make run RUN_ARGS=--quick` for the small version; finished steps are cached in
@@ -20,6 +20,11 @@ test: $(STAMP)
 	$(BIN)/ruff format --check tl_steer tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Property-based fuzzing of every loader of user data with the large hypothesis profile (>= 10,000 generated
+# inputs per loader; `make test` runs the same tests with the small "ci" profile). Prints the inputs per loader.
+fuzz: $(STAMP)
+	TL_STEER_FUZZ=large $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz_loaders.py
 
 # The performance harness (about 10-15 min; `make bench BENCH_ARGS=--quick`: about 6 min), written to
 # benchmarks/results/bench.md. The peer library steering-vectors gets its own venv (it needs transformers < 5);

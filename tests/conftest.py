@@ -2,16 +2,58 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import tempfile
+from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.weight_processing import ProcessWeights
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# ----- fuzzing (tests/test_fuzz_loaders.py): hypothesis profiles and a count of the inputs tried ----------
+# "ci" (the default) is small and derandomized, so CI runs the same examples every time; "large"
+# (TL_STEER_FUZZ=large or HYPOTHESIS_PROFILE=large; `make fuzz`) gives every loader >= 10,000 inputs.
+FUZZ_EXAMPLES = {"ci": 200, "large": 2000}
+for _name, _examples in FUZZ_EXAMPLES.items():
+    settings.register_profile(
+        _name,
+        max_examples=_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+FUZZ_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") or ("large" if os.environ.get("TL_STEER_FUZZ") == "large" else "ci")
+settings.load_profile(FUZZ_PROFILE)
+FUZZ_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+def count_fuzz_input(loader: str) -> None:
+    """Record one generated input tried on ``loader`` (reported by pytest_terminal_summary)."""
+    FUZZ_COUNTS[loader] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FUZZ_COUNTS:
+        return
+    terminalreporter.section(f"fuzzed inputs per loader (hypothesis profile {FUZZ_PROFILE!r})")
+    for loader, n in sorted(FUZZ_COUNTS.items()):
+        terminalreporter.write_line(f"{loader:<40} {n:>8}")
+    if out := os.environ.get("TL_STEER_FUZZ_COUNTS"):
+        Path(out).write_text(json.dumps(dict(sorted(FUZZ_COUNTS.items())), indent=1) + "\n")
+
+
+# ----- end of the fuzzing block ---------------------------------------------------------------------------
 
 _CORPUS = [
     "hello world, the world is wide and the weather is fine today.",
@@ -56,15 +98,46 @@ ARCHITECTURES = {
     ),
     # GPT-2 style: LayerNorm, learned absolute positions.
     "gpt2": dict(normalization_type="LN", positional_embedding_type="standard", act_fn="gelu_new"),
+    # The GPT-2 style after TransformerLens' weight processing (fold_ln, center_writing_weights,
+    # center_unembed, fold_value_biases), as HookedTransformer.from_pretrained loads it by default: its
+    # normalisation becomes "LNPre" (no weights of its own), so the residual stream is mean-centred.
+    # make_model pops the flag; make_model("gpt2_folded", fold=False) is the same function unprocessed.
+    "gpt2_folded": dict(normalization_type="LN", positional_embedding_type="standard", act_fn="gelu_new", fold=True),
+    # Pythia / GPT-NeoX style: LayerNorm, attention and MLP in parallel (no resid_mid), rotary on a
+    # quarter of each head (rotary_pct=0.25 of d_head=8; rotated in halves, not adjacent pairs), exact GELU.
+    "neox": dict(
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        rotary_dim=2,
+        rotary_adjacent_pairs=False,
+        parallel_attn_mlp=True,
+        act_fn="gelu",
+    ),
 }
 
 
 def make_model(
-    arch: str = "llama", *, seed: int = 0, d_model: int = 32, dtype: torch.dtype = torch.float64
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    d_model: int = 32,
+    dtype: torch.dtype = torch.float64,
+    fold: bool | None = None,
+    initializer_range: float = 0.2,
 ) -> HookedTransformer:
     """A tiny randomly initialised HookedTransformer (3 layers), float64 by default so that
-    comparisons between computation paths are exact to ~1e-12 and greedy decoding never flips on a tie."""
+    comparisons between computation paths are exact to ~1e-12 and greedy decoding never flips on a tie.
+
+    Architectures with ``fold=True`` in :data:`ARCHITECTURES` get random LayerNorm weights and biases
+    (TransformerLens initialises them to 1 and 0, which would leave nothing to fold) and are then
+    processed with ``process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)``
+    (and TransformerLens' default fold_value_biases), computed in the model's dtype; ``fold=False``
+    returns the same model before processing (the same log-probabilities to ~1e-14; the logits differ
+    by center_unembed's per-position constant). ``fold`` is ignored for the other architectures.
+    """
     tokenizer = make_tokenizer()
+    options = dict(ARCHITECTURES[arch])
+    arch_fold = bool(options.pop("fold", False))
     cfg = HookedTransformerConfig(
         n_layers=3,
         d_model=d_model,
@@ -78,12 +151,54 @@ def make_model(
         device="cpu",
         default_prepend_bos=True,
         model_name=f"tiny-{arch}-{seed}",
-        initializer_range=0.2,
-        **ARCHITECTURES[arch],
+        initializer_range=initializer_range,
+        **options,
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
+    if arch_fold:
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.split(".")[-2] in ("ln1", "ln2", "ln_final"):
+                    noise = torch.randn(param.shape, generator=g, dtype=torch.float64).to(param.dtype)
+                    param.add_(0.3 * noise)
+        if fold is None or fold:
+            # TransformerLens' own orchestration would round float64 weights through float32.
+            with mock.patch.object(ProcessWeights, "process_weights", staticmethod(_process_weights_in_place_dtype)):
+                model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
     model.eval()
     return model
+
+
+def _process_weights_in_place_dtype(
+    state_dict: dict[str, torch.Tensor],
+    cfg: HookedTransformerConfig,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    fold_value_biases: bool = True,
+    refactor_factored_attn_matrices: bool = False,
+    adapter: object = None,
+) -> dict[str, torch.Tensor]:
+    """TransformerLens 3.9's ``ProcessWeights.process_weights`` for LayerNorm models, the same steps in the
+    same order, but in the weights' own dtype. TransformerLens casts every weight to float32 for the
+    processing (meant as an upcast from half precision), which for a float64 model costs ~1e-6 of logit
+    agreement; kept in float64, folding changes log-probabilities by ~1e-14. Its agreement with
+    TransformerLens' own processing is tested in tests/test_architectures.py."""
+    assert adapter is None and not refactor_factored_attn_matrices and cfg.normalization_type in ("LN", "LNPre")
+    if fold_ln:
+        state_dict = ProcessWeights.fold_layer_norm(state_dict, cfg, fold_biases=True, center_weights=True)
+    if center_writing_weights:
+        state_dict = ProcessWeights.center_writing_weights(state_dict, cfg)
+    if center_unembed:
+        state_dict = ProcessWeights.center_unembed(state_dict, cfg=cfg)
+    if fold_value_biases:
+        state_dict = ProcessWeights.fold_value_biases(state_dict, cfg)
+        if center_writing_weights:
+            for layer in range(cfg.n_layers):
+                b_O = state_dict[f"blocks.{layer}.attn.b_O"]
+                state_dict[f"blocks.{layer}.attn.b_O"] = b_O - b_O.mean()
+    return state_dict
 
 
 @pytest.fixture(scope="session")

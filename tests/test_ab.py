@@ -137,8 +137,8 @@ def hand_scores(model, items, fwd_hooks=()):
     return torch.tensor(out)
 
 
-def test_ab_accuracy_equals_hand_computation(tiny):
-    model = tiny
+def test_ab_accuracy_equals_hand_computation(tiny_any):
+    model = tiny_any
     assert set(letter_token_ids(model)) == {"A", "B"}
     expected = hand_scores(model, ITEMS)
     got = ab_scores(model, None, ITEMS, batch_size=2)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHITECTURES, make_model, make_tokenizer, no_hooks_left
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from conftest import ARCHITECTURES, make_model, no_hooks_left
+from transformer_lens import HookedTransformer
 
 import tl_steer
 from tl_steer import ContrastivePair, DataError, HookNameError, TlSteerError
@@ -93,8 +93,8 @@ def test_example_losses_match_hand_computation(tiny):
 
 @pytest.mark.parametrize("where", ["last_prompt", "completion"])
 @pytest.mark.parametrize("examples", [PAIRS, POSITIVE_ONLY], ids=["dpo", "nll"])
-def test_kernel_is_the_gradient_wrt_the_activation(tiny, where, examples):
-    model = tiny
+def test_kernel_is_the_gradient_wrt_the_activation(tiny_any, where, examples):
+    model = tiny_any
     eta = 0.7
     iv = cold_kernel(model, examples, HOOK, eta=eta, where=where, batch_size=3)
     # Independently: one example at a time, the activation as a leaf, the loss written by hand.
@@ -211,25 +211,7 @@ def test_fd_and_jvp_match_a_real_gradient_step(arch, examples, request):
 
 def fp32_model(arch: str) -> HookedTransformer:
     """A tiny float32 model with GPT-2's initialisation scale (0.02)."""
-    tokenizer = make_tokenizer()
-    cfg = HookedTransformerConfig(
-        n_layers=3,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        n_ctx=128,
-        d_vocab=len(tokenizer),
-        seed=0,
-        dtype=torch.float32,
-        device="cpu",
-        default_prepend_bos=True,
-        model_name=f"tiny-fp32-{arch}",
-        initializer_range=0.02,
-        **ARCHITECTURES[arch],
-    )
-    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
-    return model.eval()
+    return make_model(arch, dtype=torch.float32, initializer_range=0.02)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -349,9 +331,11 @@ def test_position_policy_limits_the_steered_positions(tiny):
 
 
 @pytest.mark.parametrize("method", ["fd", "jvp"])
-def test_generation_cached_equals_uncached_when_steering_the_prompt(tiny, method):
-    model = tiny
-    iv = cold_fd(model, PAIRS, HOOK, method=method, eta=0.5, positions="prompt")
+def test_generation_cached_equals_uncached_when_steering_the_prompt(tiny_any, method):
+    model = tiny_any
+    # eta = 1.5 at m = 3 changes the greedy tokens on every tiny architecture (eta = 0.5 left the folded
+    # GPT-2's unchanged).
+    iv = cold_fd(model, PAIRS, HOOK, method=method, eta=1.5, positions="prompt")
     kw = dict(max_new_tokens=8, do_sample=False, verbose=False, return_type="tokens")
     clean = model.generate("hello world, the", **kw)
     out = {}
@@ -403,9 +387,8 @@ def test_m_zero_is_clean_and_m_scales(tiny):
     torch.testing.assert_close(three, 3 * one, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_save_and_load_round_trip(arch, tmp_path, request):
-    model = request.getfixturevalue("tiny") if arch == "llama" else request.getfixturevalue("gpt2")
+def test_save_and_load_round_trip(tiny_any, tmp_path):
+    model = tiny_any
     iv = cold_fd(model, PAIRS, HOOK, eta=0.3, eps=1e-5, positions="prompt")
     path = tl_steer.save(iv, tmp_path / "cold")
     loaded = tl_steer.load(path, model)
@@ -430,7 +413,7 @@ def test_save_and_load_round_trip(arch, tmp_path, request):
         torch.testing.assert_close(model(tokens), expected, rtol=0, atol=0)
     # Another model does not fit.
     with pytest.raises(ValueError):
-        tl_steer.load(path, make_model(arch, seed=1, d_model=16))
+        tl_steer.load(path, make_model("gpt2", seed=1, d_model=16))
 
 
 # ----- bad input -----------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def hand_quality(model: HookedTransformer, sae: StandardSAE, texts: list[str]) -
     }
 
 
-def test_matches_hand_computation_batched_with_padding(tiny: HookedTransformer) -> None:
+def test_matches_hand_computation_batched_with_padding(tiny_any: HookedTransformer) -> None:
+    tiny = tiny_any
     sae = make_sae(tiny.cfg.d_model, 48)
     got = sae_quality(tiny, sae, TEXTS, batch_size=2, skip_first=1).as_dict()
     want = hand_quality(tiny, sae, TEXTS)

@@ -88,7 +88,7 @@ def test_read_metadata_without_loading_tensors(
     def no_tensors(*args: object, **kwargs: object) -> None:
         raise AssertionError("read_metadata must not load tensors")
 
-    monkeypatch.setattr(tl_steer.io, "load_file", no_tensors)
+    monkeypatch.setattr(tl_steer.io, "read_tensors", no_tensors)
     meta = tl_steer.read_metadata(saved)
     assert meta["format"] == "tl_steer.intervention"
     assert meta["version"] == 1

@@ -220,11 +220,12 @@ def test_percentiles_of_new_clean_tokens_are_uniform():
 
 
 # ----- on a model ---------------------------------------------------------------------------------------
-def test_fit_on_a_model_equals_the_one_shot_computation(tiny):
-    small = ManifoldProbe.fit(tiny, TEXTS, [HOOK, "blocks.0.hook_mlp_out"], k=4, batch_size=3, progress=False)
-    big = ManifoldProbe.fit(tiny, TEXTS, [HOOK, "blocks.0.hook_mlp_out"], k=4, batch_size=64, progress=False)
+def test_fit_on_a_model_equals_the_one_shot_computation(tiny_any):
+    model = tiny_any
+    small = ManifoldProbe.fit(model, TEXTS, [HOOK, "blocks.0.hook_mlp_out"], k=4, batch_size=3, progress=False)
+    big = ManifoldProbe.fit(model, TEXTS, [HOOK, "blocks.0.hook_mlp_out"], k=4, batch_size=64, progress=False)
     # One shot, by hand: every text alone, positions 1.., the same seeded held-out draw per text.
-    act, mask, seqs = activations(tiny, TEXTS)
+    act, mask, seqs = activations(model, TEXTS)
     rng = np.random.default_rng(0)
     train, held = [], []
     for i, seq in enumerate(seqs):
@@ -243,7 +244,7 @@ def test_fit_on_a_model_equals_the_one_shot_computation(tiny):
     for name in (HOOK, "blocks.0.hook_mlp_out"):
         torch.testing.assert_close(small.stats[name].reference, big.stats[name].reference)
         torch.testing.assert_close(small.stats[name].moments.M2, big.stats[name].moments.M2, rtol=1e-10, atol=1e-10)
-    assert no_hooks_left(tiny)
+    assert no_hooks_left(model)
 
 
 def test_top_principal_direction_is_nearer_than_random_of_the_same_norm(tiny, probe):

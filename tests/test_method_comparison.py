@@ -22,7 +22,8 @@ def model():
     return make_model("llama")
 
 
-def test_table_matches_an_independent_pair_nll(model) -> None:
+def test_table_matches_an_independent_pair_nll(tiny_any) -> None:
+    model = tiny_any
     hook = "blocks.1.hook_resid_post"
     gen = torch.Generator().manual_seed(0)
     a = AddVector(hook, torch.randn(32, generator=gen, dtype=torch.float64), method="a")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_model, make_tokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import tl_steer
 
@@ -35,11 +42,32 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
-@pytest.mark.parametrize("make_hf", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def tiny_neox() -> GPTNeoXForCausalLM:
+    """Pythia's layout: parallel attention and MLP, rotary on a quarter of each head, untied unembedding."""
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make_hf", [tiny_llama, tiny_gpt2, tiny_neox], ids=["llama", "gpt2", "neox"])
 def test_hooked_from_hf_matches_hugging_face_logits(make_hf):
     hf = make_hf()
     before = hf.config.to_dict()
     model = tl_steer.hooked_from_hf(hf, make_tokenizer(), model_name="tiny")
+    if make_hf is tiny_neox:
+        assert model.cfg.parallel_attn_mlp and model.cfg.rotary_dim == 4
     tokens = torch.tensor([[0, 5, 17, 42, 99, 250, 7, 3]])
     with torch.no_grad():
         expected = hf(tokens).logits

@@ -52,7 +52,8 @@ def resid(model, text: str, fwd_hooks=()) -> torch.Tensor:
     return out[0]
 
 
-def test_add_equals_a_decoder_row_vector(model, sae) -> None:
+def test_add_equals_a_decoder_row_vector(tiny_any, sae) -> None:
+    model = tiny_any
     iv = sae_feature(sae, [3, 7], "add", [2.0, -1.0])
     expected = tl_steer.AddVector(HOOK, 2.0 * sae.W_dec[3].detach() - sae.W_dec[7].detach())
     got = model.run_with_hooks(TEXT, fwd_hooks=iv.hooks(m=1.5))
@@ -60,9 +61,10 @@ def test_add_equals_a_decoder_row_vector(model, sae) -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_clamp_is_sae_lens_decode_with_error_term(model, sae) -> None:
+def test_clamp_is_sae_lens_decode_with_error_term(tiny_any, sae) -> None:
     """The steered activation equals sae-lens' own forward with the error term added back, the feature set
     through its hook_sae_acts_post (an independent path), for m = 1; m scales the change."""
+    model = tiny_any
     clean = resid(model, TEXT)
     iv = sae_feature(sae, 5, "clamp", 3.0)
     steered = resid(model, TEXT, iv.hooks(m=1.0))
@@ -84,7 +86,8 @@ def test_clamp_is_sae_lens_decode_with_error_term(model, sae) -> None:
     torch.testing.assert_close(half - clean, 0.5 * (steered - clean), rtol=0, atol=1e-10)
 
 
-def test_ablate_removes_the_feature_and_m0_is_clean(model, sae) -> None:
+def test_ablate_removes_the_feature_and_m0_is_clean(tiny_any, sae) -> None:
+    model = tiny_any
     clean = resid(model, TEXT)
     z = sae.encode(clean).detach()
     assert (z[..., 9] != 0).any()
@@ -138,7 +141,8 @@ def test_bad_input(model, sae) -> None:
     assert no_hooks_left(model)
 
 
-def test_rank_features_scores_match_independent_computations(model, sae) -> None:
+def test_rank_features_scores_match_independent_computations(tiny_any, sae) -> None:
+    model = tiny_any
     table = rank_features(model, sae, PAIRS, n_measure=2, eval_pairs=HELD_OUT).set_index("feature")
 
     # AUROC by counting, from per-completion mean codes computed here

@@ -9,7 +9,7 @@ import torch
 from conftest import no_hooks_left
 
 import tl_steer
-from tl_steer import AddVector, ContrastivePair, DataError
+from tl_steer import AddVector, ConfigError, ContrastivePair, DataError
 from tl_steer.scoring import tokenize_completions
 
 HOOK = "blocks.1.hook_resid_post"
@@ -188,7 +188,7 @@ def test_bad_reduction(tiny, reduction: object) -> None:
 
 
 def test_bad_batch_size(tiny) -> None:
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+    with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
         tl_steer.completion_nll(tiny, ["The food was"], [" good"], batch_size=0)
 
 

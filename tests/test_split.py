@@ -234,12 +234,12 @@ LR = {"vector": None, "lora": 0.05, "local_weight": None}
 
 
 @pytest.fixture(scope="module")
-def trained(tiny):
-    """SPLIT in each form on the tiny Llama model, with its state before and after."""
-    before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    flags = [p.requires_grad for p in tiny.parameters()]
+def trained(tiny_any):
+    """SPLIT in each form on each tiny architecture, with the model's state before and after."""
+    before = {k: v.clone() for k, v in tiny_any.state_dict().items()}
+    flags = [p.requires_grad for p in tiny_any.parameters()]
     with threads(1):
-        out = {form: split(tiny, PAIRS, LAYER, form, lr=LR[form], **TRAIN) for form in FORMS}
+        out = {form: split(tiny_any, PAIRS, LAYER, form, lr=LR[form], **TRAIN) for form in FORMS}
     return out, before, flags
 
 
@@ -255,7 +255,8 @@ def test_training_lowers_the_loss(trained, form):
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_split_pushes_held_out_preference_up(tiny, trained, form):
+def test_split_pushes_held_out_preference_up(tiny_any, trained, form):
+    tiny = tiny_any
     iv, _ = trained[0][form]
     assert iv.method == "split" and iv.info["form"] == form
     m = iv.info["m_typical"]
@@ -263,7 +264,8 @@ def test_split_pushes_held_out_preference_up(tiny, trained, form):
     assert pref(tiny, PAIRS, iv, m) > pref(tiny, PAIRS) + 0.2
 
 
-def test_the_model_is_frozen_and_unchanged(tiny, trained):
+def test_the_model_is_frozen_and_unchanged(tiny_any, trained):
+    tiny = tiny_any
     results, before, flags = trained
     after = tiny.state_dict()
     assert before.keys() == after.keys()
@@ -275,7 +277,8 @@ def test_the_model_is_frozen_and_unchanged(tiny, trained):
         assert all(not t.requires_grad for t in iv.tensors().values())
 
 
-def test_trained_interventions_are_the_expected_kinds(tiny, trained):
+def test_trained_interventions_are_the_expected_kinds(tiny_any, trained):
+    tiny = tiny_any
     results = trained[0]
     assert isinstance(results["vector"][0], AddVector)
     assert results["vector"][0].hook == f"blocks.{LAYER}.hook_resid_post"
@@ -285,9 +288,10 @@ def test_trained_interventions_are_the_expected_kinds(tiny, trained):
         iv.check(tiny)
 
 
-def test_logged_loss_equals_an_independent_evaluation(tiny):
+def test_logged_loss_equals_an_independent_evaluation(tiny_any):
     """Step 2 of a run is computed with the parameters a 1-step run ends with (same seed, same first lr);
     its logged L_p / L_n must equal the mean NLLs from pair_nll at that strength."""
+    tiny = tiny_any
     kw = dict(batch_size=len(PAIRS), m_grid=[1.5], progress=False)
     one, _ = split(tiny, PAIRS, LAYER, "lora", epochs=1, **kw)
     _, history = split(tiny, PAIRS, LAYER, "lora", epochs=2, **kw)

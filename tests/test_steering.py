@@ -186,10 +186,10 @@ def test_policy_before_first_attention_is_refused(tiny):
     assert no_hooks_left(tiny)
 
 
-def test_left_padding_steers_each_row_like_alone(tiny):
+def test_left_padding_steers_each_row_like_alone(tiny_any):
     """Under left padding, last_prompt is the last real token of every row; each row's final logits
     equal those of the same prompt run alone."""
-    model = tiny
+    model = tiny_any
     prompts = ["hello world", "the food was awful and the room was cold"]
     tokens = model.to_tokens(prompts, padding_side="left")
     mask = (tokens != model.tokenizer.pad_token_id).long()

@@ -59,7 +59,7 @@ from tl_steer.methods import (
 from tl_steer.models import hooked_from_hf, load_default_model, model_identity
 from tl_steer.module_delta import LocalWeight, LoRA, ModuleDelta
 from tl_steer.positions import PositionPolicy, prompt_boundary
-from tl_steer.scoring import completion_nll, pair_nll
+from tl_steer.scoring import completion_nll, logits_budget, pair_nll
 from tl_steer.steering import steer
 
 __version__ = "0.1.0"
@@ -115,6 +115,7 @@ __all__ = [
     "load_default_model",
     "load_default_sae",
     "load_pairs",
+    "logits_budget",
     "manifold_sweep",
     "model_identity",
     "pair_nll",

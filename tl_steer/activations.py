@@ -11,8 +11,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from tl_steer.errors import ConfigError
 from tl_steer.hookpoints import HookSite, validate_hook
-from tl_steer.scoring import Tokenized, batches, pad_right, pad_token_id
+from tl_steer.scoring import Tokenized, batches, max_batch_tokens, pad_right, pad_token_id
 
 Reduce = Literal["mean", "last"]
 
@@ -27,7 +28,8 @@ def completion_activations(
     transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "n d"]:
     """The activation at ``hook`` for each item, averaged over its completion tokens (``"mean"``) or
-    taken at its last token (``"last"``); float32, in the input order, on the CPU.
+    taken at its last token (``"last"``); float64 (averaged in float64 whatever the model's dtype), in the
+    input order, on the CPU.
 
     ``transform`` maps the activations of a batch ([batch, pos, d] -> [batch, pos, d']) before the
     reduction, e.g. an SAE's encoder, whose mean over tokens is not the code of the mean activation.
@@ -36,7 +38,7 @@ def completion_activations(
     """
     validate_hook(model, hook)
     if reduce not in ("mean", "last"):
-        raise ValueError(f"reduce must be 'mean' or 'last', got {reduce!r}")
+        raise ConfigError(f"reduce must be 'mean' or 'last', got {reduce!r}")
     site = HookSite.parse(hook)
     stop = site.layer + 1 if site.layer is not None and site.layer + 1 < model.cfg.n_layers else None
     pad = pad_token_id(model)
@@ -47,13 +49,13 @@ def completion_activations(
     def capture(act: Tensor, hook: HookPoint) -> None:
         captured.append(act.detach())
 
-    for idx in batches(lengths, batch_size):
+    for idx in batches(lengths, batch_size, max_batch_tokens(model)):
         tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device or "cpu")
         captured.clear()
         with torch.no_grad():
             model.run_with_hooks(tokens, fwd_hooks=[(hook, capture)], stop_at_layer=stop, return_type=None)
             acts = captured[0] if transform is None else transform(captured[0])
-        acts = acts.float()
+        acts = acts.double()
         for row, i in enumerate(idx):
             start, end = data.starts[i], lengths[i]
             span = acts[row, start:end] if reduce == "mean" else acts[row, end - 1 : end]

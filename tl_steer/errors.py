@@ -2,7 +2,11 @@
 
 Every error a user can trigger with bad input is a :class:`TlSteerError`; the subclasses also derive from
 the built-in exception a Python user would expect (``ValueError``, ``FileNotFoundError`` ...), so
-``except ValueError`` keeps working.
+``except ValueError`` keeps working. An argument of the wrong Python type (a string where a model goes)
+raises ``TypeError``, as Python itself does; a missing file raises ``FileNotFoundError``.
+
+Every loader of user files (pairs, A/B and multiple-choice JSONL, saved interventions and probes, their
+metadata) raises only these on bad input: the fuzz tests in ``tests/test_fuzz_loaders.py`` check it.
 """
 
 from __future__ import annotations

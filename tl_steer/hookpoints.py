@@ -42,19 +42,66 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     return impl(name, layer, layer_type)
 
 
+# Hook points TransformerLens creates on every model but runs only when a config flag is set (a hook
+# there would silently never fire): (name suffixes, the flag, its setter on HookedTransformer).
+_FLAGGED = (
+    (("attn.hook_result",), "use_attn_result", "set_use_attn_result"),
+    (("hook_q_input", "hook_k_input", "hook_v_input"), "use_split_qkv_input", "set_use_split_qkv_input"),
+    (("hook_mlp_in",), "use_hook_mlp_in", "set_use_hook_mlp_in"),
+    (("hook_attn_in",), "use_attn_in", "set_use_attn_in"),
+)
+
+
 def validate_hook(model: HookedTransformer, name: str) -> str:
-    """Return ``name`` if the model has that hook point, else raise with the closest valid names."""
+    """Return ``name`` if the model has that hook point and runs it in a forward pass, else raise a
+    :class:`HookNameError` with the reason this architecture lacks it (when known) and the closest
+    valid names."""
     if not isinstance(name, str):
         raise HookNameError(f"a hook name must be a string like 'blocks.6.hook_resid_post', got {name!r}")
     hook_dict = model.hook_dict
     if name in hook_dict:
+        for suffixes, flag, setter in _FLAGGED:
+            if name.endswith(suffixes) and not getattr(model.cfg, flag, False):
+                raise HookNameError(
+                    f"The hook point {name!r} exists but never runs on this model: TransformerLens computes it "
+                    f"only with cfg.{flag}=True. Call model.{setter}(True) first, or use another hook."
+                )
         return name
+    reason = _missing_reason(model, name)
     close = difflib.get_close_matches(name, list(hook_dict), n=5, cutoff=0.5)
     hint = f" Closest valid names: {', '.join(close)}." if close else ""
     raise HookNameError(
-        f"The model has no hook point {name!r}.{hint} "
+        f"The model has no hook point {name!r}.{reason}{hint} "
         f"Hook names follow TransformerLens, e.g. 'blocks.{model.cfg.n_layers // 2}.hook_resid_post'."
     )
+
+
+def _missing_reason(model: HookedTransformer, name: str) -> str:
+    """Why this model's architecture has no hook point ``name`` (a sentence with a leading space), or ""."""
+    cfg = model.cfg
+    match = _BLOCK.match(name)
+    layer, rest = (int(match.group(1)), match.group(2)) if match else (-1, name)
+    if layer >= cfg.n_layers:
+        return f" The model has {cfg.n_layers} blocks (0..{cfg.n_layers - 1})."
+    if rest == "hook_resid_mid" and cfg.parallel_attn_mlp:
+        return (
+            f" This model computes attention and MLP in parallel (cfg.parallel_attn_mlp, as GPT-J and "
+            f"GPT-NeoX/Pythia), so there is no residual stream between them: both read "
+            f"'blocks.{layer}.hook_resid_pre' (the MLP through 'blocks.{layer}.ln2.hook_normalized') and "
+            f"both write to 'blocks.{layer}.hook_resid_post'."
+        )
+    if cfg.attn_only and (rest == "hook_resid_mid" or "mlp" in rest or rest.startswith("ln2.")):
+        return " This model is attention-only (cfg.attn_only): its blocks have no MLP and no resid_mid."
+    if rest.startswith(("attn.hook_rot_q", "attn.hook_rot_k")):
+        return f" Rotary hooks exist only with rotary positions; this model's are {cfg.positional_embedding_type!r}."
+    if rest == "hook_pos_embed":
+        return (
+            f" This model has no learned position embedding (positions are {cfg.positional_embedding_type!r}); "
+            "the embedding output is 'hook_embed' and 'blocks.0.hook_resid_pre'."
+        )
+    if (".hook_scale" in rest or ".hook_normalized" in rest) and cfg.normalization_type is None:
+        return " This model has no normalisation layers (cfg.normalization_type is None)."
+    return ""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ selects, casts to the activation's dtype and device, and keeps track of the KV-c
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from tl_steer.errors import ConfigError, HookNameError, ModelMismatchError, ShapeError
+from tl_steer.errors import ConfigError, DataError, HookNameError, ModelMismatchError, ShapeError
 from tl_steer.hookpoints import HookSite, validate_hook
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionPolicy, PositionsLike, PositionState, steer_mask
@@ -38,18 +39,44 @@ _REGISTRY: dict[str, type[Intervention]] = {}
 
 def check_strength(m: float) -> float:
     """Return m as a float, or raise if it is not a finite real number."""
-    if isinstance(m, bool) or not isinstance(m, (int, float)) and not (isinstance(m, Tensor) and m.numel() == 1):
+    # numbers.Real also admits numpy scalars (np.float32, np.int64), which are not float or int.
+    if isinstance(m, bool) or not isinstance(m, numbers.Real) and not (isinstance(m, Tensor) and m.numel() == 1):
         raise TypeError(f"the strength m must be a real number, got {type(m).__name__}")
     value = float(m)
     if not math.isfinite(value):
-        raise ValueError(f"the strength m must be finite, got {value}")
+        raise ConfigError(f"the strength m must be finite, got {value}")
     return value
+
+
+def check_grid(ms: object, *, name: str = "ms") -> list[float]:
+    """A strength grid as a list of finite floats: any sequence or iterable of real numbers, in order.
+
+    A single number, a string or an empty grid is a :class:`ConfigError` saying how to write one; the
+    grid may be long (thousands of values cost one pass each and nothing more).
+    """
+    if isinstance(ms, (str, bytes, numbers.Real)) or isinstance(ms, Tensor) and ms.ndim == 0:
+        raise ConfigError(f"{name} must be a sequence of strengths, e.g. {name}=[-1, 0, 1], got {ms!r}")
+    try:
+        values = list(ms)  # type: ignore[call-overload]
+    except TypeError as exc:
+        raise ConfigError(f"{name} must be a sequence of strengths, got {type(ms).__name__}") from exc
+    if not values:
+        raise ConfigError(f"the strength grid {name} is empty; give e.g. {name}=[-2, -1, 0, 1, 2]")
+    grid = []
+    for i, m in enumerate(values):
+        try:
+            grid.append(check_strength(m))
+        except (TypeError, ConfigError) as exc:
+            raise ConfigError(f"{name}[{i}]: {exc}") from exc
+    return grid
 
 
 class Intervention(ABC):
     """Base class of all interventions. See the module docstring for the contract."""
 
     kind: ClassVar[str]
+    #: Saved tensors that hold integer indices; every other saved tensor must be floating-point.
+    saved_index_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -120,7 +147,7 @@ class Intervention(ABC):
         (AddVector, LoRA, LocalWeight).
         """
         if not isinstance(m_rows, Tensor) or m_rows.ndim != 1 or not torch.isfinite(m_rows).all():
-            raise ValueError("m_rows must be a finite 1-D tensor with one strength per batch row")
+            raise ConfigError("m_rows must be a finite 1-D tensor with one strength per batch row")
         # The edits receive the tensor where they expect a float; they only multiply by it.
         return self._build_hooks(cast(float, m_rows.view(-1, 1, 1)), n_layers)
 
@@ -211,6 +238,11 @@ def hook_widths(model: HookedTransformer, names: tuple[str, ...] | list[str]) ->
         tokens = torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device)
         with torch.no_grad():
             model.run_with_hooks(tokens, return_type=None, fwd_hooks=[(n, record) for n in missing])
+    silent = [n for n in names if n not in known]
+    if silent:  # hook points that exist but that this model's forward pass does not run
+        for name in silent:
+            validate_hook(model, name)  # says why, where the reason is known
+        raise HookNameError(f"the hook point(s) {silent} did not run in a forward pass of this model")
     return {n: known[n] for n in names}
 
 
@@ -239,7 +271,7 @@ class AddVector(Intervention):
                 f"{tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__}"
             )
         if not torch.isfinite(vector).all():
-            raise ValueError("the steering vector has NaN or infinite entries")
+            raise DataError("the steering vector has NaN or infinite entries")
         if not isinstance(hook, str):
             raise HookNameError(f"the hook must be a hook name string, got {hook!r}")
         self.hook = hook

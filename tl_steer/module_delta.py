@@ -18,7 +18,10 @@ fires later in the same forward call, turns it into the delta. Both see the same
 also correct under ``generate`` with the KV cache, where each call sees only the new positions.
 
 On post-norm architectures (OLMo 2/3) ``hook_mlp_out`` comes after a norm, so the delta is added after
-that norm rather than at the raw down-projection output.
+that norm rather than at the raw down-projection output. Neither hook depends on where the MLP reads
+from: on parallel-attention models (GPT-J, GPT-NeoX / Pythia), which have no ``hook_resid_mid``, the MLP
+reads ``hook_resid_pre`` and the same two hooks apply; on LayerNorm-folded models ("LNPre") ``a_mid`` is
+unchanged by folding, so the same tensors make the same change to the output distribution.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from tl_steer.errors import ShapeError
+from tl_steer.dtypes import master_dtype
+from tl_steer.errors import ConfigError, DataError, ShapeError
 from tl_steer.interventions import Edit, HookFn, Intervention
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionsLike, PositionState
@@ -61,7 +65,7 @@ class _Recorder:
 
 def _check_layer(layer: object) -> int:
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"layer must be a non-negative int, got {layer!r}")
+        raise ConfigError(f"layer must be a non-negative int, got {layer!r}")
     return layer
 
 
@@ -72,13 +76,8 @@ def _check_tensor(name: str, value: object, ndim: int) -> Tensor:
     if not value.is_floating_point():
         raise ShapeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if not torch.isfinite(value).all():
-        raise ValueError(f"{name} has NaN or infinite entries")
+        raise DataError(f"{name} has NaN or infinite entries")
     return value.detach().clone()
-
-
-def _param_dtype(model: HookedTransformer) -> torch.dtype:
-    """float64 for float64 models, else float32 (trainable parameters stay out of half precision)."""
-    return torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
 
 
 class ModuleDelta(Intervention):
@@ -223,11 +222,11 @@ class LoRA(ModuleDelta):
         """The usual LoRA start for ``model``: A uniform in +-1/sqrt(d_mlp) (PyTorch's default for a linear
         layer of fan-in d_mlp, as peft uses), B zero, so the delta is zero at every m until B is trained."""
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be an int >= 1, got {rank!r}")
+            raise ConfigError(f"LoRA rank must be an int >= 1, got {rank!r}")
         d_mlp, d_model = int(model.cfg.d_mlp or 0), model.cfg.d_model
         if d_mlp < 1:
             raise ShapeError(f"model {model.cfg.model_name!r} has no MLP (d_mlp={model.cfg.d_mlp})")
-        dtype = _param_dtype(model)
+        dtype = master_dtype(model)  # trainable tensors stay out of half precision
         g = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(d_mlp)
         A = (torch.rand(d_mlp, rank, generator=g, dtype=torch.float64) * 2 - 1) * bound
@@ -307,7 +306,7 @@ class LocalWeight(ModuleDelta):
         d_mlp, d_model = int(model.cfg.d_mlp or 0), model.cfg.d_model
         if d_mlp < 1:
             raise ShapeError(f"model {model.cfg.model_name!r} has no MLP (d_mlp={model.cfg.d_mlp})")
-        dtype = _param_dtype(model)
+        dtype = master_dtype(model)  # trainable tensors stay out of half precision
         device = model.cfg.device
         return cls(
             layer,

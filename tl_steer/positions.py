@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from tl_steer.errors import ShapeError
+from tl_steer.errors import ConfigError, ShapeError
 
 PolicyName = Literal["all", "prompt", "generated", "last_prompt"]
 POLICIES: tuple[str, ...] = ("all", "prompt", "generated", "last_prompt")
@@ -60,11 +60,11 @@ class PositionPolicy:
             return cls("mask", value.detach().clone())
         if isinstance(value, str) and value in POLICIES:
             return cls(value)
-        raise ValueError(f"unknown position policy {value!r}; use one of {', '.join(POLICIES)} or a boolean mask")
+        raise ConfigError(f"unknown position policy {value!r}; use one of {', '.join(POLICIES)} or a boolean mask")
 
     def to_json(self) -> str:
         if self.kind == "mask":
-            raise ValueError("an intervention with a position mask cannot be saved; save it with a named policy")
+            raise ConfigError("an intervention with a position mask cannot be saved; save it with a named policy")
         return self.kind
 
 

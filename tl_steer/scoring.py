@@ -10,8 +10,10 @@ the prompt alone, so a token that merges across the boundary counts as completio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +23,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_steer.data.pairs import ContrastivePair, check_pairs
-from tl_steer.errors import DataError
+from tl_steer.errors import ConfigError, DataError
 from tl_steer.interventions import Intervention
 from tl_steer.positions import prompt_boundary
 from tl_steer.steering import steer
@@ -47,7 +49,7 @@ def format_prompt(model: HookedTransformer, prompt: str, chat: bool) -> str:
         return prompt
     tokenizer = model.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat=True needs a tokenizer with a chat template")
+        raise ConfigError("chat=True needs a tokenizer with a chat template")
     return str(
         tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     )
@@ -63,7 +65,7 @@ def tokenize_completions(
     """
     tokenizer = model.tokenizer
     if tokenizer is None:
-        raise ValueError("scoring needs a model with a tokenizer")
+        raise ConfigError("scoring needs a model with a tokenizer")
     if len(prompts) != len(completions):
         raise DataError(f"{len(prompts)} prompts but {len(completions)} completions")
     bos = [tokenizer.bos_token_id] if model.cfg.default_prepend_bos and tokenizer.bos_token_id is not None else []
@@ -86,7 +88,7 @@ def tokenize_completions(
                 f"item {i}: the prompt {prompt!r} is empty after tokenization; give a prompt or set prepend_bos"
             )
         if len(full) > model.cfg.n_ctx:
-            raise DataError(f"item {i}: {len(full)} tokens exceed the model's context of {model.cfg.n_ctx}")
+            raise DataError(f"item {i}: {len(full)} tokens exceed the model's context of {model.cfg.n_ctx}; shorten it")
         sequences.append(full)
         starts.append(start)
     return Tokenized(sequences, starts)
@@ -126,15 +128,65 @@ def nll_from_logits(
         return total
     if reduction == "mean":
         return total / mask.sum(-1)
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), to waste little on padding."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+# Padded tokens x vocabulary x 4 bytes of float32 logits per pass; batches are split to stay under it.
+_LOGITS_BUDGET: ContextVar[int] = ContextVar("tl_steer_logits_budget", default=1 << 30)
+
+
+@contextmanager
+def logits_budget(n_bytes: int) -> Iterator[None]:
+    """Inside the block, every batched scoring or capture pass holds at most ``n_bytes`` of float32 logits:
+    a batch of ``batch_size`` rows is split further when ``rows x longest x d_vocab x 4`` would exceed it
+    (default 1 GiB). A single sequence is never split, so one row always fits whatever the budget.
+
+    Example::
+
+        with tl_steer.logits_budget(256 * 2**20):  # 256 MiB per pass
+            tl_steer.preference_utility(model, vector, pairs)
+    """
+    if isinstance(n_bytes, bool) or not isinstance(n_bytes, numbers.Integral) or n_bytes < 1:
+        raise ConfigError(f"the logits budget must be a positive number of bytes, got {n_bytes!r}")
+    token = _LOGITS_BUDGET.set(int(n_bytes))
+    try:
+        yield
+    finally:
+        _LOGITS_BUDGET.reset(token)
+
+
+def max_batch_tokens(model: HookedTransformer) -> int:
+    """Padded tokens (rows x longest row) one pass may hold under the current :func:`logits_budget`."""
+    return max(1, _LOGITS_BUDGET.get() // (4 * int(model.cfg.d_vocab)))
+
+
+def check_batch_size(batch_size: object) -> int:
+    """``batch_size`` as an int >= 1, or a :class:`ConfigError` saying what it was."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
+def batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), to waste little on padding.
+
+    A batch holds at most ``batch_size`` rows and, with ``max_tokens``, at most that many padded tokens
+    (rows x its longest row), so a large batch of long sequences is chunked instead of running out of
+    memory; a sequence longer than ``max_tokens`` gets a batch of its own.
+    """
+    size = check_batch_size(batch_size)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    out: list[list[int]] = []
+    for i in order:
+        # Longest first: a batch's first row is its longest, so its padded size is rows x that length.
+        fits = out and len(out[-1]) < size
+        if fits and max_tokens is not None:
+            fits = (len(out[-1]) + 1) * lengths[out[-1][0]] <= max_tokens
+        if fits:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def score_tokenized(
@@ -151,12 +203,12 @@ def score_tokenized(
     row is declared for position policies while it runs.
     """
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     run = forward or (lambda tokens: model(tokens, return_type="logits"))
     pad = pad_token_id(model)
     out = torch.empty(len(data), dtype=torch.float32)
     lengths = [len(s) for s in data.sequences]
-    for idx in batches(lengths, batch_size):
+    for idx in batches(lengths, batch_size, max_batch_tokens(model)):
         tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device or "cpu")
         starts = torch.as_tensor([data.starts[i] for i in idx], device=tokens.device)
         lens = torch.as_tensor([lengths[i] for i in idx], device=tokens.device)

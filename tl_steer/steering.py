@@ -13,8 +13,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_steer.errors import ConfigError, DataError
 from tl_steer.interventions import HookFn, Intervention, check_strength
 from tl_steer.positions import prompt_boundary
 
@@ -23,7 +25,7 @@ def strengths(interventions: Sequence[Intervention], m: float | Sequence[float])
     """One checked strength per intervention: a single m for all, or one each."""
     if isinstance(m, (list, tuple)):
         if len(m) != len(interventions):
-            raise ValueError(f"got {len(m)} strengths for {len(interventions)} interventions")
+            raise ConfigError(f"got {len(m)} strengths for {len(interventions)} interventions; give one m or one each")
         return [check_strength(x) for x in m]
     return [check_strength(m)] * len(interventions)  # type: ignore[arg-type]
 
@@ -37,7 +39,7 @@ def build_hooks(
 ) -> list[tuple[str, HookFn]]:
     """Validate the interventions against the model and return their combined ``fwd_hooks``."""
     if not interventions:
-        raise ValueError("steer needs at least one intervention")
+        raise ConfigError("steer needs at least one intervention")
     for iv in interventions:
         if not isinstance(iv, Intervention):
             raise TypeError(f"expected an Intervention, got {type(iv).__name__}")
@@ -78,7 +80,7 @@ def steer(
     # Nested steer() blocks share the outer block's generate wrapper.
     patched = "generate" not in vars(model)
     if patched:
-        model.generate = _generate_with_boundary(model.generate)  # type: ignore[method-assign]
+        model.generate = _generate_with_boundary(model, model.generate)  # type: ignore[method-assign]
     try:
         with model.hooks(fwd_hooks=list(fwd_hooks)):  # type: ignore[arg-type]
             yield model
@@ -87,10 +89,31 @@ def steer(
             vars(model).pop("generate", None)
 
 
-def _generate_with_boundary(generate: Any) -> Any:
+def _generate_with_boundary(model: HookedTransformer, generate: Any) -> Any:
     @functools.wraps(generate)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _check_generation_length(model, args[0] if args else kwargs.get("input"), kwargs)
         with prompt_boundary(None):
             return generate(*args, **kwargs)
 
     return wrapper
+
+
+def _check_generation_length(model: HookedTransformer, prompt: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse a generation that would run past the model's context before it starts: TransformerLens
+    would otherwise fail with an IndexError deep inside its positional embedding after some tokens."""
+    new = kwargs.get("max_new_tokens", 10)
+    if isinstance(prompt, Tensor):
+        n = int(prompt.shape[-1])
+    elif isinstance(prompt, (str, list)) and model.tokenizer is not None:
+        try:
+            n = int(model.to_tokens(prompt, prepend_bos=kwargs.get("prepend_bos"), truncate=False).shape[-1])
+        except Exception:  # noqa: BLE001 - let generate report inputs it cannot tokenize itself
+            return
+    else:
+        return
+    if isinstance(new, int) and n + new > model.cfg.n_ctx:
+        raise DataError(
+            f"generation would need {n} prompt tokens + max_new_tokens={new} = {n + new} positions, more than "
+            f"the model's context of {model.cfg.n_ctx}; shorten the prompt or lower max_new_tokens"
+        )

@@ -18,10 +18,10 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_steer.data.ab import LETTERS, ABItem, check_ab_items, format_ab_prompt
-from tl_steer.errors import DataError
+from tl_steer.errors import ConfigError, DataError
 from tl_steer.interventions import InterventionsLike, as_intervention_list
 from tl_steer.positions import prompt_boundary
-from tl_steer.scoring import batches, pad_right, pad_token_id
+from tl_steer.scoring import batches, max_batch_tokens, pad_right, pad_token_id
 from tl_steer.steering import steer
 
 
@@ -29,7 +29,7 @@ def letter_token_ids(model: HookedTransformer) -> dict[str, int]:
     """The token id of each answer letter; raise if a letter is not a single token of the tokenizer."""
     tokenizer = model.tokenizer
     if tokenizer is None:
-        raise ValueError("A/B evaluation needs a model with a tokenizer")
+        raise ConfigError("A/B evaluation needs a model with a tokenizer")
     out = {}
     for letter in LETTERS:
         ids = tokenizer(letter, add_special_tokens=False).input_ids
@@ -48,7 +48,7 @@ def tokenize_ab(model: HookedTransformer, items: Sequence[ABItem]) -> list[list[
     """
     tokenizer = model.tokenizer
     if tokenizer is None:
-        raise ValueError("A/B evaluation needs a model with a tokenizer")
+        raise ConfigError("A/B evaluation needs a model with a tokenizer")
     letters = letter_token_ids(model)
     bos = [tokenizer.bos_token_id] if model.cfg.default_prepend_bos and tokenizer.bos_token_id is not None else []
     out = []
@@ -63,7 +63,9 @@ def tokenize_ab(model: HookedTransformer, items: Sequence[ABItem]) -> list[list[
                     f"the answer prefix ({ids[-3:]} + {letter_id} != {full[-4:]})"
                 )
         if len(bos) + len(ids) > model.cfg.n_ctx:
-            raise DataError(f"item {i}: {len(bos) + len(ids)} tokens exceed the model's context of {model.cfg.n_ctx}")
+            raise DataError(
+                f"item {i}: {len(bos) + len(ids)} tokens exceed the model's context of {model.cfg.n_ctx}; shorten it"
+            )
         out.append(bos + ids)
     return out
 
@@ -93,7 +95,7 @@ def ab_scores(
     with ExitStack() as stack, torch.no_grad():
         if ivs:
             stack.enter_context(steer(model, *ivs, m=m))
-        for idx in batches(lengths, batch_size):
+        for idx in batches(lengths, batch_size, max_batch_tokens(model)):
             tokens = pad_right([sequences[i] for i in idx], pad, model.cfg.device or "cpu")
             lens = torch.as_tensor([lengths[i] for i in idx], device=tokens.device)
             with prompt_boundary(lens):

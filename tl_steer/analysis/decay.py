@@ -19,6 +19,8 @@ from typing import Literal
 import numpy as np
 from scipy.optimize import minimize
 
+from tl_steer.errors import ConfigError
+
 Kind = Literal["pref", "util"]
 _DECAY = ("m_plus", "L_plus", "p_plus", "m_minus", "L_minus", "p_minus")
 
@@ -62,12 +64,12 @@ def fit_decay(m: np.ndarray, y: np.ndarray, kind: Kind = "pref") -> DecayFit:
     m = np.asarray(m, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if kind not in ("pref", "util"):
-        raise ValueError(f"kind must be 'pref' or 'util', got {kind!r}")
+        raise ConfigError(f"kind must be 'pref' or 'util', got {kind!r}")
     names = _names(kind)
     if m.shape != y.shape or m.ndim != 1:
-        raise ValueError("m and y must be 1-D arrays of the same length")
+        raise ConfigError("m and y must be 1-D arrays of the same length")
     if len(m) < len(names) // 2 + 1 or not (m > 0).any() or not (m < 0).any():
-        raise ValueError(f"a decay fit needs strengths on both sides of 0 and at least {len(names) // 2 + 1} points")
+        raise ConfigError(f"a decay fit needs strengths on both sides of 0 and at least {len(names) // 2 + 1} points")
     scale = float(np.abs(m).max())
     x = m / scale
     idx = {n: i for i, n in enumerate(names)}

@@ -42,7 +42,7 @@ from tl_steer.data.ab import ABItem, check_ab_items
 from tl_steer.data.mc import MCItem
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError
-from tl_steer.interventions import Intervention, check_strength
+from tl_steer.interventions import Intervention, check_grid
 
 BASELINE = "no steering"
 
@@ -282,7 +282,7 @@ def capability_behavior_gap(
         if not isinstance(it, MCItem):
             raise ConfigError(f"capability_items[{i}] is a {type(it).__name__}, not an MCItem")
     ab = check_ab_items(ab_items) if ab_items is not None else None
-    grid = sorted({check_strength(m) for m in ms} | {0.0})
+    grid = sorted(set(check_grid(ms)) | {0.0})
     conds = list(conditions)
     if not conds and not include_baseline:
         raise ConfigError("no conditions to evaluate")
@@ -297,7 +297,7 @@ def capability_behavior_gap(
     for c in conds:
         if c.intervention is not None:
             c.intervention.check(model)
-        own = grid if c.ms is None else sorted({check_strength(m) for m in c.ms} | {0.0})
+        own = grid if c.ms is None else sorted(set(check_grid(c.ms, name=f"{c.name}.ms")) | {0.0})
         if not include_zero:
             own = [m for m in own if m != 0.0]
         grids[c.name] = own if c.steers else [0.0]

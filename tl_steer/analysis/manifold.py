@@ -40,6 +40,7 @@ depend on the order in which the rows arrive.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
@@ -52,19 +53,24 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from tl_steer.errors import DataError, FileFormatError, HookNameError, ShapeError
+from tl_steer.errors import ConfigError, DataError, FileFormatError, HookNameError, ShapeError, TlSteerError
 from tl_steer.hookpoints import HookSite, validate_hook
-from tl_steer.interventions import check_identity, hook_widths
-from tl_steer.io import read_tl_steer_header
+from tl_steer.interventions import hook_widths
+from tl_steer.io import (
+    check_against_model,
+    check_identity_field,
+    check_saved_tensors,
+    read_tensors,
+    read_tl_steer_header,
+)
 from tl_steer.models import model_identity
-from tl_steer.scoring import batches, pad_right, pad_token_id
+from tl_steer.scoring import batches, max_batch_tokens, pad_right, pad_token_id
 
 FORMAT = "tl_steer.manifold_probe"
 VERSION = 1
@@ -316,7 +322,7 @@ class ManifoldProbe:
     ) -> None:
         _check_settings(k, knn_k, n_reference, n_calibration, holdout, outlier_factor, shrinkage)
         if not stats:
-            raise ValueError("a ManifoldProbe needs statistics for at least one hook")
+            raise ConfigError("a ManifoldProbe needs statistics for at least one hook")
         self.stats: dict[str, HookStatistics] = dict(stats)
         self.k = int(k)
         self.knn_k = int(knn_k)
@@ -398,7 +404,7 @@ class ManifoldProbe:
 
         lengths = [len(s) for s in sequences]
         pad = pad_token_id(model)
-        groups = batches(lengths, batch_size)
+        groups = batches(lengths, batch_size, max_batch_tokens(model))
         with torch.no_grad():
             for idx in tqdm(groups, desc="manifold probe", unit="batch", disable=not progress):
                 tokens = pad_right([sequences[i] for i in idx], pad, model.cfg.device or "cpu")
@@ -615,7 +621,7 @@ class ManifoldProbe:
         """|h - decode(encode(h))| / |h| per row, with the attached SAE (see :meth:`attach_sae`)."""
         name = self._resolve_hook(hook)
         if name not in self.saes:
-            raise ValueError(f"no SAE attached at {name!r}; call attach_sae first")
+            raise ConfigError(f"no SAE attached at {name!r}; call attach_sae first")
         return _sae_error(self.saes[name], self._rows(h, name))
 
     def distances(
@@ -654,7 +660,7 @@ class ManifoldProbe:
         state = self.stats[self._resolve_hook(hook)]
         reference = (state.calibrated or {}).get(name)
         if name not in CALIBRATED:
-            raise ValueError(f"{name!r} has no calibration; calibrated distances: {', '.join(CALIBRATED)}")
+            raise ConfigError(f"{name!r} has no calibration; calibrated distances: {', '.join(CALIBRATED)}")
         v = np.asarray(values, dtype=np.float64)
         if reference is None or reference.size == 0:
             return np.full(v.shape, np.nan)
@@ -832,48 +838,112 @@ class ManifoldProbe:
         """Read a probe written by :meth:`save`. With ``model``, refuse one fitted on another model
         (:class:`~tl_steer.errors.ModelMismatchError`) or whose hooks the model lacks or has at another
         width (:class:`~tl_steer.errors.HookNameError`, :class:`~tl_steer.errors.ShapeError`)."""
+        path = Path(path)
         meta = _read_metadata(path)
+        hooks, widths, states, settings = _check_probe_metadata(path, meta)
         if model is not None:
-            if meta.get("model_identity"):
-                check_identity(meta["model_identity"], model)
-            for name in meta["hooks"]:
-                validate_hook(model, name)
-            widths = hook_widths(model, list(meta["hooks"]))
-            for name, width in meta["widths"].items():
-                if widths[name] != width:
-                    raise ShapeError(f"the probe has width {width} at {name!r}, but the model has {widths[name]}")
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise FileFormatError(f"{path}: unreadable tensors: {exc}") from exc
-        try:
-            stats = {}
-            for name in meta["hooks"]:
-                info = meta["states"][name]
-                i = info["index"]
-                moments = RunningMoments(
-                    int(info["n"]),
-                    tensors[f"{i}.mean"],
-                    tensors[f"{i}.M2"],
-                    tensors[f"{i}.T3"],
+            check_against_model(path, model, meta.get("model_identity"), hooks, widths)
+        tensors = read_tensors(path)
+        check_saved_tensors(path, tensors)
+        expected: set[str] = set()
+        for name in hooks:
+            i, d = states[name]["index"], widths[name]
+            shapes = {"mean": [d], "M2": [d, d], "T3": [d], "S4": [1], "reference": [-1, d], "calibration": [-1, d]}
+            for part, shape in shapes.items():
+                t = tensors.get(f"{i}.{part}")
+                ok = (
+                    t is not None
+                    and t.ndim == len(shape)
+                    and all(w in (-1, n) for w, n in zip(shape, t.shape, strict=True))
+                )
+                if not ok:
+                    got = "missing" if t is None else f"of shape {list(t.shape)}"
+                    raise FileFormatError(f"{path}: tensor '{i}.{part}' of {name!r} is {got}, expected {shape}")
+            for part in ("reference", "calibration"):
+                keys = tensors.get(f"{i}.{part}_keys")
+                if keys is None or list(keys.shape) != [tensors[f"{i}.{part}"].shape[0]]:
+                    raise FileFormatError(f"{path}: tensor '{i}.{part}_keys' of {name!r} does not match '{i}.{part}'")
+            expected |= {f"{i}.{part}" for part in (*shapes, "reference_keys", "calibration_keys")}
+        if set(tensors) != expected:
+            raise FileFormatError(f"{path}: unexpected or missing tensors {sorted(set(tensors) ^ expected)[:8]}")
+        stats = {}
+        for name in hooks:
+            info = states[name]
+            i = info["index"]
+            stats[name] = HookStatistics(
+                hook=name,
+                moments=RunningMoments(
+                    info["n"],
+                    tensors[f"{i}.mean"].double(),
+                    tensors[f"{i}.M2"].double(),
+                    tensors[f"{i}.T3"].double(),
                     float(tensors[f"{i}.S4"][0]),
-                )
-                if moments.d != meta["widths"][name]:
-                    raise FileFormatError(f"{path}: tensors of width {moments.d} at {name!r}, metadata says otherwise")
-                stats[name] = HookStatistics(
-                    hook=name,
-                    moments=moments,
-                    reference=tensors[f"{i}.reference"],
-                    reference_keys=tensors[f"{i}.reference_keys"],
-                    calibration=tensors[f"{i}.calibration"],
-                    calibration_keys=tensors[f"{i}.calibration_keys"],
-                    threshold=math.inf if info["threshold"] is None else float(info["threshold"]),
-                    n_outliers=int(info["n_outliers"]),
-                    n_holdout=int(info["n_holdout"]),
-                )
-            return cls(stats, identity=meta.get("model_identity"), **meta["settings"])
-        except (KeyError, TypeError, IndexError) as exc:
-            raise FileFormatError(f"{path}: the file does not match the manifold-probe format: {exc!r}") from exc
+                ),
+                reference=tensors[f"{i}.reference"].float(),
+                reference_keys=tensors[f"{i}.reference_keys"].double(),
+                calibration=tensors[f"{i}.calibration"].float(),
+                calibration_keys=tensors[f"{i}.calibration_keys"].double(),
+                threshold=math.inf if info["threshold"] is None else float(info["threshold"]),
+                n_outliers=info["n_outliers"],
+                n_holdout=info["n_holdout"],
+            )
+        try:
+            return cls(stats, identity=meta.get("model_identity"), **settings)
+        except TlSteerError as exc:  # a setting out of range
+            raise FileFormatError(f"{path}: {exc}") from exc
+
+
+def _check_probe_metadata(
+    path: Path, meta: dict[str, Any]
+) -> tuple[list[str], dict[str, int], dict[str, dict[str, Any]], dict[str, Any]]:
+    """The hooks, widths, per-hook states and settings of a probe file's metadata, each field checked for
+    its JSON type (:class:`FileFormatError` naming the field otherwise)."""
+
+    def bad(field: str, want: str, got: object) -> FileFormatError:
+        return FileFormatError(f"{path}: manifold-probe metadata field {field!r} must be {want}, got {got!r:.200}")
+
+    def count(v: object, low: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    hooks = meta.get("hooks")
+    if (
+        not isinstance(hooks, list)
+        or not hooks
+        or not all(isinstance(h, str) for h in hooks)
+        or len(set(hooks)) < len(hooks)
+    ):
+        raise bad("hooks", "a non-empty list of distinct hook names", hooks)
+    widths = meta.get("widths")
+    if not isinstance(widths, dict) or set(widths) != set(hooks) or not all(count(w, 1) for w in widths.values()):
+        raise bad("widths", "an object mapping each hook to a positive integer", widths)
+    states = meta.get("states")
+    if not isinstance(states, dict) or not set(hooks) <= set(states):
+        raise bad("states", "an object with an entry for each hook", states)
+    indices = []
+    for name in hooks:
+        info = states[name]
+        if not isinstance(info, dict):
+            raise bad(f"states.{name}", "an object", info)
+        for key, low in (("index", 0), ("n", 1), ("n_outliers", 0), ("n_holdout", 0)):
+            if not count(info.get(key), low):
+                raise bad(f"states.{name}.{key}", f"an integer >= {low}", info.get(key))
+        threshold = info.get("threshold", False)  # null is an infinite threshold; missing is an error
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold)
+        ):
+            raise bad(f"states.{name}.threshold", "a finite number or null", threshold)
+        indices.append(info["index"])
+    if len(set(indices)) < len(indices):
+        raise bad("states", "one distinct index per hook", indices)
+    settings = meta.get("settings")
+    known = set(inspect.signature(ManifoldProbe.__init__).parameters) - {"self", "stats", "identity"}
+    if not isinstance(settings, dict) or not set(settings) <= known:
+        raise bad("settings", f"an object with keys among {sorted(known)}", settings)
+    for key, value in settings.items():
+        if isinstance(value, bool) or not (value is None or isinstance(value, int | float)):
+            raise bad(f"settings.{key}", "a number", value)
+    check_identity_field(path, meta.get("model_identity"))
+    return hooks, widths, states, settings
 
 
 # ----- helpers ---------------------------------------------------------------------------------------
@@ -953,15 +1023,15 @@ def _check_settings(
 ) -> None:
     for name, value, minimum in (("k", k, 1), ("knn_k", knn_k, 1), ("n_reference", n_reference, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if isinstance(n_calibration, bool) or not isinstance(n_calibration, int) or n_calibration < 0:
-        raise ValueError(f"n_calibration must be an integer >= 0, got {n_calibration!r}")
+        raise ConfigError(f"n_calibration must be an integer >= 0, got {n_calibration!r}")
     if not 0.0 <= holdout < 1.0:
-        raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
+        raise ConfigError(f"holdout must be in [0, 1), got {holdout!r}")
     if outlier_factor is not None and not outlier_factor > 1.0:
-        raise ValueError(f"outlier_factor must be > 1 (or None), got {outlier_factor!r}")
+        raise ConfigError(f"outlier_factor must be > 1 (or None), got {outlier_factor!r}")
     if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
-        raise ValueError(f"shrinkage must be in [0, 1] (or None for Ledoit-Wolf), got {shrinkage!r}")
+        raise ConfigError(f"shrinkage must be in [0, 1] (or None for Ledoit-Wolf), got {shrinkage!r}")
 
 
 def _check_hooks(model: HookedTransformer, hooks: str | Sequence[str]) -> list[str]:
@@ -1011,7 +1081,7 @@ def _token_lists(
     for i, item in enumerate(items):
         if isinstance(item, str):
             if tokenizer is None:
-                raise ValueError("texts need a model with a tokenizer; pass token ids instead")
+                raise ConfigError("texts need a model with a tokenizer; pass token ids instead")
             bos = (
                 [tokenizer.bos_token_id] if model.cfg.default_prepend_bos and tokenizer.bos_token_id is not None else []
             )
@@ -1024,7 +1094,7 @@ def _token_lists(
             except (TypeError, ValueError) as exc:
                 raise DataError(f"item {i} is neither a text nor a list of token ids: {item!r}") from exc
         if len(ids) > model.cfg.n_ctx:
-            raise DataError(f"item {i}: {len(ids)} tokens exceed the model's context of {model.cfg.n_ctx}")
+            raise DataError(f"item {i}: {len(ids)} tokens exceed the model's context of {model.cfg.n_ctx}; shorten it")
         if len(ids) >= 2:  # position 0 is excluded: a text of one token adds nothing
             sequences.append(ids)
     if not sequences:

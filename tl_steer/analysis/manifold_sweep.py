@@ -40,12 +40,12 @@ from transformer_lens.hook_points import HookPoint
 from tl_steer.analysis.manifold import CALIBRATED, ManifoldProbe, _stop_layer, auroc
 from tl_steer.analysis.preference_utility import DEFAULT_EPS, PreferenceUtilityResult, preference_utility
 from tl_steer.data.pairs import ContrastivePair, check_pairs
-from tl_steer.errors import ShapeError
+from tl_steer.errors import ConfigError, ShapeError
 from tl_steer.hookpoints import HookSite, validate_hook
-from tl_steer.interventions import AddVector, Intervention, check_identity, check_strength, hook_widths
+from tl_steer.interventions import AddVector, Intervention, check_grid, check_identity, hook_widths
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionPolicy, prompt_boundary
-from tl_steer.scoring import Tokenized, batches, pad_right, pad_token_id, tokenize_completions
+from tl_steer.scoring import Tokenized, batches, max_batch_tokens, pad_right, pad_token_id, tokenize_completions
 from tl_steer.steering import build_hooks
 
 ISOTROPIC = "random_isotropic"
@@ -72,7 +72,7 @@ def random_baselines(
     name = probe._resolve_hook(hook)
     state = probe.stats[name]
     if not (isinstance(norm, (int, float)) and math.isfinite(norm) and norm >= 0):
-        raise ValueError(f"the baseline norm must be a finite number >= 0, got {norm!r}")
+        raise ConfigError(f"the baseline norm must be a finite number >= 0, got {norm!r}")
     g = torch.Generator().manual_seed(seed)
     iso = torch.randn(state.d, generator=g, dtype=torch.float64)
     evals, evecs = torch.linalg.eigh(state.covariance())
@@ -150,7 +150,7 @@ class ManifoldSweepResult:
         names = list(distances) if distances is not None else list(self.distances)
         missing = [n for n in names if n not in self.table.columns]
         if missing:
-            raise ValueError(f"unknown distance(s) {missing}; this sweep has {self.distances}")
+            raise ConfigError(f"unknown distance(s) {missing}; this sweep has {self.distances}")
         rows = []
         parts = [(label, self.table[self.table["label"] == label]) for label in self.labels]
         if len(parts) > 1:
@@ -228,7 +228,7 @@ class ManifoldSweepResult:
             "tokens": lambda: self.tokens,
         }
         if what not in frames:
-            raise ValueError(f"what must be one of {sorted(frames)}, got {what!r}")
+            raise ConfigError(f"what must be one of {sorted(frames)}, got {what!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         frames[what]().to_csv(path, index=False)
@@ -241,7 +241,7 @@ class ManifoldSweepResult:
         from tl_steer.analysis.plots import _pyplot, finish_figure
 
         if distance not in self.distances or f"{distance}_pct" not in self.table.columns:
-            raise ValueError(f"distance must be one of the calibrated distances {self.distances}, got {distance!r}")
+            raise ConfigError(f"distance must be one of the calibrated distances {self.distances}, got {distance!r}")
         plt = _pyplot()
         summary = self.summary()
         assoc = self.associations([distance])
@@ -342,11 +342,11 @@ def manifold_sweep(
         chat, batch_size, progress: as in :func:`~tl_steer.analysis.preference_utility.preference_utility`.
     """
     items = check_pairs(pairs)
-    grid = [check_strength(m) for m in ms]
-    if not grid or len(set(grid)) != len(grid):
-        raise ValueError(f"the strength grid must be non-empty without repeats, got {list(ms)}")
+    grid = check_grid(ms)
+    if len(set(grid)) != len(grid):
+        raise ConfigError(f"the strength grid has repeated values: {sorted(m for m in set(grid) if grid.count(m) > 1)}")
     if texts not in ("positive", "both"):
-        raise ValueError(f"texts must be 'positive' or 'both', got {texts!r}")
+        raise ConfigError(f"texts must be 'positive' or 'both', got {texts!r}")
     name = probe._resolve_hook(hook)
     if probe.model_identity:
         check_identity(probe.model_identity, model)
@@ -383,7 +383,7 @@ def manifold_sweep(
             identity=model_identity(model),
         ):
             if iv.method == label:
-                raise ValueError(f"the label {label!r} is taken by a baseline; pass another label")
+                raise ConfigError(f"the label {label!r} is taken by a baseline; pass another label")
             conditions.append((iv.method, iv))
             info[iv.method] = {"hook": b_hook, "norm": norm}
 
@@ -512,7 +512,7 @@ def _score_tokens(
     n_layers = model.cfg.n_layers
     runner = _Runner(model, hook, min(iv.first_layer(n_layers) for _, iv in conditions))
     lengths = [len(s) for s in data.sequences]
-    groups = batches(lengths, batch_size)
+    groups = batches(lengths, batch_size, max_batch_tokens(model))
     pad = pad_token_id(model)
     frames: list[pd.DataFrame] = []
     clean_frames: list[pd.DataFrame] = []
@@ -568,7 +568,7 @@ def _mean_displacement(
     pad = pad_token_id(model)
     total, count = 0.0, 0
     with torch.no_grad():
-        for idx in batches(lengths, batch_size):
+        for idx in batches(lengths, batch_size, max_batch_tokens(model)):
             tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device or "cpu")
             starts = torch.as_tensor([data.starts[i] for i in idx], device=tokens.device)
             with prompt_boundary(starts):
@@ -580,7 +580,7 @@ def _mean_displacement(
             total += float(moved.sum())
             count += int(moved.numel())
     if count == 0:
-        raise ValueError(f"the intervention does not change the activations at {hook!r} at m = 1; no baseline norm")
+        raise ConfigError(f"the intervention does not change the activations at {hook!r} at m = 1; no baseline norm")
     return total / count
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +37,14 @@ from transformer_lens import HookedTransformer
 from tl_steer.analysis.decay import DecayFit, fit_decay
 from tl_steer.analysis.stats import bootstrap_ci
 from tl_steer.data.pairs import ContrastivePair, check_pairs
-from tl_steer.errors import DataError
-from tl_steer.interventions import Intervention, check_strength
+from tl_steer.errors import ConfigError, DataError
+from tl_steer.interventions import Intervention, check_grid
 from tl_steer.positions import prompt_boundary
 from tl_steer.scoring import (
     Reduction,
     Tokenized,
     batches,
+    max_batch_tokens,
     nll_from_logits,
     pad_right,
     pad_token_id,
@@ -121,7 +123,7 @@ class PreferenceUtilityResult:
             part = summary[summary["label"] == label].sort_values("m")
             m, util = part["m"].to_numpy(), part["util_odds"].to_numpy()
             if 0.0 not in m:
-                raise ValueError(f"{label}: the grid has no m = 0, so there is no reference utility")
+                raise ConfigError(f"{label}: the grid has no m = 0, so there is no reference utility")
             zero = int(np.flatnonzero(m == 0.0)[0])
             floor = util[zero] - within
             low = zero
@@ -173,9 +175,9 @@ class PreferenceUtilityResult:
     def concat(cls, results: Sequence[PreferenceUtilityResult]) -> PreferenceUtilityResult:
         """Several results (e.g. one per intervention) as one, for one table and one figure."""
         if not results:
-            raise ValueError("nothing to concatenate")
+            raise ConfigError("nothing to concatenate")
         if len({r.reduction for r in results}) > 1:
-            raise ValueError("cannot combine results computed with different reductions")
+            raise ConfigError("cannot combine results computed with different reductions")
         return cls(pd.concat([r.table for r in results], ignore_index=True), results[0].reduction, results[0].eps)
 
 
@@ -210,7 +212,7 @@ def preference_utility(
     items = with_instruction(check_pairs(pairs), instruction)
     grid = _check_grid(ms if intervention is not None else [0.0])
     if not 0 < eps < 1:
-        raise ValueError(f"eps must be in (0, 1), got {eps}")
+        raise ConfigError(f"eps must be in (0, 1), got {eps}")
     label = label or (intervention.method if intervention is not None else ("prompting" if instruction else "clean"))
     if intervention is not None:
         build_hooks(model, [intervention], 1.0)  # validate before any work
@@ -249,11 +251,10 @@ def preference_utility(
 
 
 def _check_grid(ms: Sequence[float]) -> list[float]:
-    grid = [check_strength(m) for m in ms]
-    if not grid:
-        raise ValueError("the strength grid ms is empty; give e.g. ms=(-2, -1, 0, 1, 2)")
+    grid = check_grid(ms)
     if len(set(grid)) != len(grid):
-        raise ValueError(f"the strength grid has repeated values: {grid}")
+        repeated = sorted(m for m, count in Counter(grid).items() if count > 1)
+        raise ConfigError(f"the strength grid has repeated values: {repeated[:10]}")
     if 0.0 not in grid:
         warnings.warn("the strength grid has no m = 0: there is no clean reference point", stacklevel=3)
     return grid
@@ -292,7 +293,7 @@ def _sweep_nll(
     # Shortformer models add positions inside every block's attention: no residual-only restart.
     use_prefix = cache_prefix and 0 < start < n_layers and model.cfg.positional_embedding_type != "shortformer"
     lengths = [len(s) for s in data.sequences]
-    groups = batches(lengths, batch_size)
+    groups = batches(lengths, batch_size, max_batch_tokens(model))
     out = np.empty((len(grid), len(data)), dtype=np.float64)
     bar = tqdm(total=len(groups) * len(grid), desc=f"preference-utility [{label}]", unit="pass", disable=not progress)
     pad = pad_token_id(model)

@@ -214,7 +214,9 @@ def _as_tokens(
         raise DataError("texts_or_tokens must be a list of strings or a [batch, pos] tensor of token ids")
     if not texts_or_tokens:
         raise DataError("texts_or_tokens is empty")
-    seqs = [model.to_tokens(text, prepend_bos=True, truncate=False)[0, :max_length].cpu() for text in texts_or_tokens]
+    # max_length truncates by design; never past the model's context, where the forward pass would fail.
+    limit = min(max_length, int(model.cfg.n_ctx))
+    seqs = [model.to_tokens(text, prepend_bos=True, truncate=False)[0, :limit].cpu() for text in texts_or_tokens]
     pad = getattr(model.tokenizer, "pad_token_id", None) or 0
     tokens = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
     valid = torch.zeros_like(tokens, dtype=torch.bool)

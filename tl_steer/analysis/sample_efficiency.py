@@ -35,6 +35,7 @@ from transformer_lens.hook_points import HookPoint
 from tl_steer.analysis.ab import ab_scores
 from tl_steer.data.ab import ABItem, ab_to_pairs, check_ab_items, load_ab_items
 from tl_steer.data.pairs import ContrastivePair, check_pairs, load_pairs
+from tl_steer.errors import ConfigError
 from tl_steer.interventions import AddVector, Intervention
 from tl_steer.methods.cold import cold_fd_prefixes, cold_kernel_prefixes
 from tl_steer.methods.diffmean import diffmean
@@ -49,7 +50,7 @@ def _per_method(value: float | Mapping[str, float], methods: Sequence[str], name
     if isinstance(value, Mapping):
         missing = [m for m in methods if m not in value]
         if missing:
-            raise ValueError(f"{name} gives no value for {missing}")
+            raise ConfigError(f"{name} gives no value for {missing}")
         return {m: float(value[m]) for m in methods}
     return {m: float(value) for m in methods}
 
@@ -137,7 +138,7 @@ def build_interventions(
             batch_size=batch_size,
         )
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 def sample_efficiency(
@@ -199,7 +200,7 @@ def sample_efficiency(
     methods = list(methods)
     for method in methods:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     strengths = _per_method(m, methods, "m")
     etas = _per_method(eta, methods, "eta")
     if train_on == "ab":
@@ -209,18 +210,18 @@ def sample_efficiency(
     elif train_on == "pairs":
         train = check_pairs(train_pairs if train_pairs is not None else load_pairs(concept or behaviour, "train"))
     else:
-        raise ValueError(f"train_on must be 'ab' or 'pairs', got {train_on!r}")
+        raise ConfigError(f"train_on must be 'ab' or 'pairs', got {train_on!r}")
     test = check_ab_items(test_items if test_items is not None else load_ab_items(behaviour, "test"))
     pairs = check_pairs(test_pairs if test_pairs is not None else load_pairs(concept or behaviour, "test"))
     test = test[:n_test_items] if n_test_items else test
     pairs = pairs[:n_test_pairs] if n_test_pairs else pairs
     ns = sorted({int(n) for n in ns})
     if not ns or ns[0] < 1:
-        raise ValueError(f"ns must hold positive numbers of examples, got {ns}")
+        raise ConfigError(f"ns must hold positive numbers of examples, got {ns}")
     if ns[-1] > len(train):
-        raise ValueError(f"N = {ns[-1]} needs more examples than the {len(train)} training examples")
+        raise ConfigError(f"N = {ns[-1]} needs more examples than the {len(train)} training examples")
     if norm is not None and not (np.isfinite(norm) and norm > 0):
-        raise ValueError(f"norm must be a positive number, got {norm}")
+        raise ConfigError(f"norm must be a positive number, got {norm}")
     reference = reference_batch(model, train[:4]) if norm is not None else None
     rows: list[dict[str, Any]] = []
 

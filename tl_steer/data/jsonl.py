@@ -35,6 +35,20 @@ def _has_type(value: object, kinds: tuple[type, ...]) -> bool:
     return isinstance(value, kinds)
 
 
+def _is_unicode(value: object) -> bool:
+    """False when ``value`` (or a string inside a list) holds a lone surrogate, which JSON's ``\\ud800``
+    escapes can produce but UTF-8 cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, list):
+        return all(_is_unicode(v) for v in value)
+    return True
+
+
 def read_records(
     path: str | Path,
     fields: Sequence[str],
@@ -66,7 +80,9 @@ def read_records(
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     out = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (JSON Lines): str.splitlines would also split at U+2028, U+0085 ... which
+    # JSON allows unescaped inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"
@@ -74,6 +90,10 @@ def read_records(
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+            raise DataError(f"{where}: not valid JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise DataError(f"{where}: not valid JSON (nested too deeply)") from exc
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with fields {', '.join(fields)}")
         for name in fields:
@@ -82,6 +102,11 @@ def read_records(
             if not _has_type(record[name], kinds[name]):
                 raise DataError(
                     f"{where}: field {name!r} must be {_type_phrase(kinds[name])}, got {type(record[name]).__name__}"
+                )
+            if not _is_unicode(record[name]):
+                raise DataError(
+                    f'{where}: field {name!r} holds a lone surrogate escape (such as "\\ud800"), which is not '
+                    "Unicode text; write the character itself or a valid surrogate pair"
                 )
         try:
             out.append(make(*(record[name] for name in fields)))

@@ -8,6 +8,7 @@ from transformer_lens import HookedTransformer
 
 from tl_steer.activations import Reduce, completion_activations
 from tl_steer.data.pairs import ContrastivePair, check_pairs
+from tl_steer.dtypes import master_dtype
 from tl_steer.hookpoints import validate_hook
 from tl_steer.interventions import AddVector
 from tl_steer.models import model_identity
@@ -32,6 +33,9 @@ def diffmean(
     where a(.) is the activation at ``hook`` averaged over the completion's tokens (``reduce="mean"``)
     or taken at its last token (``reduce="last"``). The result adds ``m * v`` at ``hook`` at the
     positions of ``positions``.
+
+    The means are taken in float64; the vector is float32 (float64 for a float64 model) and is cast to the
+    activation's dtype when applied, so a float16 / bfloat16 model gets its mean difference unrounded.
     """
     items = check_pairs(pairs)
     validate_hook(model, hook)
@@ -40,10 +44,10 @@ def diffmean(
     data = tokenize_completions(model, prompts, completions, chat=chat)
     acts = completion_activations(model, data, hook, reduce=reduce, batch_size=batch_size)
     n = len(items)
-    vector = (acts[:n] - acts[n:]).mean(0)
+    vector = (acts[:n] - acts[n:]).mean(0)  # float64
     return AddVector(
         hook,
-        vector.to(model.cfg.dtype),
+        vector.to(master_dtype(model)),
         positions=positions,
         method="diffmean",
         info={"n_pairs": n, "reduce": reduce, "chat": chat, "norm": float(vector.norm())},

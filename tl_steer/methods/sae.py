@@ -127,22 +127,33 @@ class SAEFeatureEdit(Intervention):
         super().__init__(positions=positions, method=method or "sae", info=info, model_identity=model_identity)
         if mode not in MODES:
             raise ConfigError(f"unknown SAE edit mode {mode!r}; valid modes: {', '.join(MODES)}")
+        if not isinstance(hook, str):
+            raise HookNameError(f"the hook must be a hook name string, got {hook!r:.100}")
+        if isinstance(features, (str, bytes)) or not all(
+            isinstance(f, (int, np.integer)) and not isinstance(f, bool) and f >= 0 for f in features
+        ):
+            raise ConfigError(f"SAE features must be a list of non-negative feature indices, got {features!r:.200}")
         self.hook, self.mode, self.features = hook, mode, [int(f) for f in features]
         self.values = torch.as_tensor(values, dtype=torch.float64).detach().clone().reshape(-1)
         if len(self.features) != self.values.numel() or not self.features:
             raise ShapeError(f"{len(self.features)} features but {self.values.numel()} values; give one value each")
         if not torch.isfinite(self.values).all():
-            raise ValueError("the SAE feature values must be finite")
+            raise ConfigError("the SAE feature values must be finite")
         self.directions: Tensor | None
         self.sae: Any
         if mode == "add":
-            if directions is None or directions.shape[0] != len(self.features):
-                raise ShapeError("mode 'add' needs one decoder direction per feature")
+            if directions is None or directions.ndim != 2 or directions.shape[0] != len(self.features):
+                raise ShapeError("mode 'add' needs one decoder direction per feature: directions of shape [k, d]")
+            if directions.shape[1] == 0:
+                raise ShapeError("mode 'add' needs decoder directions of a non-zero width")
             self.directions, self.sae = directions.detach().clone(), None
             self.width = int(directions.shape[1])
         else:
             if sae is None:
                 raise ConfigError(f"mode {mode!r} needs the SAE itself (to encode the activation)")
+            d_sae = getattr(sae.cfg, "d_sae", None)
+            if isinstance(d_sae, int) and max(self.features) >= d_sae:
+                raise ShapeError(f"feature {max(self.features)} is out of range: the SAE has {d_sae} features")
             self.directions, self.sae = None, sae
             self.width = int(sae.cfg.d_in)
 
@@ -194,12 +205,9 @@ class SAEFeatureEdit(Intervention):
     def from_saved(cls, config: dict[str, Any], tensors: dict[str, Tensor], common: dict[str, Any]) -> SAEFeatureEdit:
         sae = None
         if config["mode"] != "add":
-            SAE = _sae_class()
-            cfg = dict(config["sae_cfg"], device="cpu")
-            sae = SAE.from_dict(cfg)
-            state = {k.removeprefix("sae."): v for k, v in tensors.items() if k.startswith("sae.")}
-            sae.load_state_dict(state)
-            sae = _frozen_copy(sae)
+            sae = _saved_sae(
+                config["sae_cfg"], {k.removeprefix("sae."): v for k, v in tensors.items() if k.startswith("sae.")}
+            )
         return cls(
             config["hook"],
             config["mode"],
@@ -209,6 +217,41 @@ class SAEFeatureEdit(Intervention):
             sae=sae,
             **common,
         )
+
+
+def _saved_sae(cfg: Any, state: dict[str, Tensor]) -> Any:
+    """The sae-lens SAE of a saved clamp / ablate edit, from its config and state dict.
+
+    Its widths are checked against the saved ``W_enc`` before sae-lens allocates anything (a config
+    claiming a huge SAE would otherwise allocate it), and whatever sae-lens refuses in the config or the
+    state dict is a :class:`ShapeError` naming it.
+    """
+    if not isinstance(cfg, dict):
+        raise ShapeError(f"the saved SAE config must be an object, got {type(cfg).__name__}")
+    w_enc = state.get("W_enc")
+    if w_enc is None or w_enc.ndim != 2:
+        raise ShapeError("the saved SAE has no 2-D W_enc tensor ('sae.W_enc')")
+    for key, size in (("d_in", w_enc.shape[0]), ("d_sae", w_enc.shape[1])):
+        if cfg.get(key) != size or isinstance(cfg.get(key), bool):
+            raise ShapeError(
+                f"the saved SAE config has {key}={cfg.get(key)!r:.50}, but its W_enc has shape {tuple(w_enc.shape)}"
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sae = _sae_class().from_dict({**cfg, "device": "cpu"})
+            sae.load_state_dict(state)
+            # sae-lens does not check the config's types (e.g. apply_b_dec_to_input: null), so a bad
+            # value would only fail inside a hook: encode and decode one zero activation here instead.
+            with torch.no_grad():
+                z = sae.encode(torch.zeros(1, w_enc.shape[0], dtype=sae.dtype))
+                out = sae.decode(z)
+            if tuple(z.shape) != (1, w_enc.shape[1]) or tuple(out.shape) != (1, w_enc.shape[0]):
+                raise ValueError(f"encode / decode give shapes {tuple(z.shape)} / {tuple(out.shape)}")
+    # sae-lens validates the config with its own exceptions; none of them is ours to let through.
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        raise ShapeError(f"sae-lens cannot rebuild the saved SAE: {exc!r:.300}") from exc
+    return _frozen_copy(sae)
 
 
 def _check_features(sae: Any, feature: int | Sequence[int]) -> list[int]:
@@ -336,7 +379,10 @@ def output_scores(
     """The logit lens of each direction onto the concept tokens:
     ``mean_{t in up} logit_t - mean_{t in down} logit_t`` with ``logits = ln_final(w) W_U``."""
     w = directions.to(dtype=model.cfg.dtype, device=model.cfg.device)[:, None, :]
-    logits = (model.ln_final(w)[:, 0] @ model.W_U).float().cpu()
+    # The unembedding in at least float32: the score is a difference of two means of logits, and a
+    # float16 / bfloat16 matmul's rounding of each logit is larger than that difference.
+    dtype = torch.promote_types(model.cfg.dtype, torch.float32)
+    logits = (model.ln_final(w)[:, 0].to(dtype) @ model.W_U.to(dtype)).float().cpu()
     return logits[:, list(up)].mean(1) - logits[:, list(down)].mean(1)
 
 
@@ -375,6 +421,9 @@ def rank_features(
     )
 
     def encode_too(acts: Tensor) -> Tensor:
+        # At least float32: codes cast back to a float16 / bfloat16 model's dtype would be rounded before
+        # they are averaged.
+        acts = acts.to(torch.promote_types(acts.dtype, torch.float32))
         codes = sae.encode(acts.to(dtype=sae.dtype, device=sae.device)).to(acts.device, acts.dtype)
         return torch.cat([acts, codes], dim=-1)
 

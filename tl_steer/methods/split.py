@@ -40,7 +40,15 @@ from tl_steer.interventions import AddVector, Intervention
 from tl_steer.models import model_identity
 from tl_steer.module_delta import LocalWeight, LoRA
 from tl_steer.positions import PositionsLike, prompt_boundary
-from tl_steer.scoring import Tokenized, batches, nll_from_logits, pad_right, pad_token_id, tokenize_completions
+from tl_steer.scoring import (
+    Tokenized,
+    batches,
+    max_batch_tokens,
+    nll_from_logits,
+    pad_right,
+    pad_token_id,
+    tokenize_completions,
+)
 
 Form = Literal["vector", "lora", "local_weight"]
 FORMS: tuple[str, ...] = ("vector", "lora", "local_weight")
@@ -312,7 +320,7 @@ class _Prefix:
         lengths = [len(s) for s in data.sequences]
         rows: dict[int, Tensor] = {}
         with torch.no_grad():
-            for idx in batches(lengths, max(batch_size, 16)):
+            for idx in batches(lengths, max(batch_size, 16), max_batch_tokens(model)):
                 tokens = pad_right([data.sequences[i] for i in idx], self.pad, model.cfg.device or "cpu")
                 resid = model(tokens, stop_at_layer=start)
                 for row, i in enumerate(idx):
