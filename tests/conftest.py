@@ -201,6 +201,16 @@ def _process_weights_in_place_dtype(
     return state_dict
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Any:
+    """One torch thread for a module of tiny-model tests: tiny float64 matmuls run many times slower with
+    2 threads than with 1 on a busy 2-core machine. Restored afterwards (the default model wants both)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny() -> HookedTransformer:
     return make_model("llama")

@@ -49,16 +49,9 @@ from tl_steer.errors import HookNameError
 from tl_steer.methods.sae import check_sae
 from tl_steer.methods.split import FORMS, sft
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HOOK = "blocks.1.hook_resid_post"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny float64 matmuls run fastest on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def arch_of(model) -> str:

@@ -1,5 +1,6 @@
 """float16 and bfloat16 models: every public entry point runs on a half-precision copy of a tiny model and
-agrees with the float32 model of the same weights.
+agrees with the float32 model of the same weights, on three architectures (Llama style, NeoX style with
+parallel attention, GPT-2 style with folded LayerNorm).
 
 Tolerances. ``u`` is the unit roundoff: 2**-11 for float16 (11 significant bits, ~3.3 digits), 2**-8 for
 bfloat16 (8 bits, ~2.4 digits). Every comparison is a relative error ``|x - x32| / |x32|`` (vector norms,
@@ -36,6 +37,8 @@ from tl_steer import AddVector, LocalWeight, LoRA, steer
 from tl_steer.data import ABItem, MCItem
 from tl_steer.dtypes import is_half, master_dtype
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HOOK = "blocks.1.hook_resid_post"
 HALF = [torch.float16, torch.bfloat16]
 U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -55,14 +58,6 @@ AB = [
 TEXTS = [p.prompt + p.positive for p in tl_steer.load_pairs("sentiment")[:16]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _build(arch: str) -> dict[torch.dtype, object]:
     base = make_model(arch, dtype=torch.float32)
     out = {torch.float32: base}
@@ -75,6 +70,13 @@ def _build(arch: str) -> dict[torch.dtype, object]:
 @pytest.fixture(scope="module")
 def llama():
     return _build("llama")
+
+
+@pytest.fixture(scope="module", params=["llama", "neox", "gpt2_folded"])
+def models(request):
+    """The float32, float16 and bfloat16 copies of one tiny model: Llama style (RMSNorm, GQA), NeoX style
+    (parallel attention, partial rotary) and GPT-2 style after LayerNorm folding."""
+    return _build(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -146,45 +148,53 @@ def test_add_vector_is_cast_inside_the_hook(arch, dtype, vec_dtype, request) -> 
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("kind", ["lora", "local_weight"])
-def test_module_deltas(llama, dtype, kind) -> None:
+def test_module_deltas(models, dtype, kind) -> None:
     g = torch.Generator().manual_seed(2)
     if kind == "lora":
-        iv = LoRA.for_model(llama[torch.float32], 1, rank=2)
+        iv = LoRA.for_model(models[torch.float32], 1, rank=2)
         iv.B.copy_(torch.randn(iv.B.shape, generator=g))
     else:
-        iv = LocalWeight.for_model(llama[torch.float32], 1)
+        iv = LocalWeight.for_model(models[torch.float32], 1)
         iv.dW.copy_(0.3 * torch.randn(iv.dW.shape, generator=g))
-    want, _ = resid_and_logits(llama[torch.float32], iv.hooks(1.0))
-    got, _ = resid_and_logits(llama[dtype], iv.hooks(1.0))
-    clean, _ = resid_and_logits(llama[dtype], [])
+    want, _ = resid_and_logits(models[torch.float32], iv.hooks(1.0))
+    got, _ = resid_and_logits(models[dtype], iv.hooks(1.0))
+    clean, _ = resid_and_logits(models[dtype], [])
     assert_close(got, want, clean, dtype, FORWARD, kind)
 
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("mode", ["add", "clamp"])
-def test_sae_feature_edits(llama, dtype, mode) -> None:
+def test_sae_feature_edits(models, dtype, mode) -> None:
     sae = make_sae()  # float64, applied to a half model
     iv = tl_steer.sae_feature(sae, [3, 7], mode, [4.0, 2.0])
-    want, _ = resid_and_logits(llama[torch.float32], iv.hooks(1.0))
-    got, _ = resid_and_logits(llama[dtype], iv.hooks(1.0))
-    clean, _ = resid_and_logits(llama[dtype], [])
+    want, _ = resid_and_logits(models[torch.float32], iv.hooks(1.0))
+    got, _ = resid_and_logits(models[dtype], iv.hooks(1.0))
+    clean, _ = resid_and_logits(models[dtype], [])
     assert_close(got, want, clean, dtype, FORWARD, f"SAE {mode}")
-    scaled = tl_steer.sae_feature(sae, 3, "add", 1.0, scale="max_act", model=llama[dtype], reference_texts=TEXTS[:4])
+    scaled = tl_steer.sae_feature(sae, 3, "add", 1.0, scale="max_act", model=models[dtype], reference_texts=TEXTS[:4])
     ref = tl_steer.sae_feature(
-        sae, 3, "add", 1.0, scale="max_act", model=llama[torch.float32], reference_texts=TEXTS[:4]
+        sae, 3, "add", 1.0, scale="max_act", model=models[torch.float32], reference_texts=TEXTS[:4]
     )
     assert_close(scaled.values, ref.values, -ref.values, dtype, FORWARD, "SAE max_act scale")
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_position_policies_and_cached_generation(llama, dtype) -> None:
-    model, v = llama[dtype], torch.randn(32, generator=torch.Generator().manual_seed(3))
-    for policy in ("prompt", "generated", "last_prompt"):
-        iv = AddVector(HOOK, 3.0 * v, positions=policy)
-        want = tl_steer.pair_nll(llama[torch.float32], PAIRS, interventions=[iv])
+def test_position_policies_and_cached_generation(models, dtype) -> None:
+    model, v = models[dtype], torch.randn(32, generator=torch.Generator().manual_seed(3))
+    # Strength 8: enough for the sign of the vector to move the NLL past bfloat16's tolerance everywhere.
+    for policy in ("prompt", "generated"):
+        iv = AddVector(HOOK, 8.0 * v, positions=policy)
+        want = tl_steer.pair_nll(models[torch.float32], PAIRS, interventions=[iv])
         got = tl_steer.pair_nll(model, PAIRS, interventions=[iv])
-        other = tl_steer.pair_nll(model, PAIRS, interventions=[AddVector(HOOK, -3.0 * v, positions=policy)])
+        other = tl_steer.pair_nll(model, PAIRS, interventions=[AddVector(HOOK, -8.0 * v, positions=policy)])
         assert_close(torch.cat(got), torch.cat(want), torch.cat(other), dtype, NLL, f"NLL steered at {policy!r}")
+    # One steered position moves the completions' NLL by less than bfloat16's tolerance on the NeoX-style
+    # model (0.3%), so "last_prompt" is compared on the activations the next block receives.
+    iv, other = AddVector(HOOK, 3.0 * v, positions="last_prompt"), AddVector(HOOK, -3.0 * v, positions="last_prompt")
+    want, _ = resid_and_logits(models[torch.float32], iv.hooks(1.0))
+    got, _ = resid_and_logits(model, iv.hooks(1.0))
+    wrong, _ = resid_and_logits(model, other.hooks(1.0))
+    assert_close(got, want, wrong, dtype, FORWARD, "activation steered at 'last_prompt'")
     iv = AddVector(HOOK, 3.0 * v, positions="generated")
     outputs = {}
     for cache in (True, False):
@@ -198,18 +208,18 @@ def test_position_policies_and_cached_generation(llama, dtype) -> None:
     assert steered != model.generate("hello world", max_new_tokens=6, verbose=False, do_sample=False)
 
 
-def test_cold_fd_steering_in_half_is_the_jvp(llama) -> None:
-    ref = tl_steer.cold_fd(llama[torch.float32], PAIRS, HOOK, method="jvp")
-    want, _ = resid_and_logits(llama[torch.float32], ref.hooks(1.0))
+def test_cold_fd_steering_in_half_is_the_jvp(models) -> None:
+    ref = tl_steer.cold_fd(models[torch.float32], PAIRS, HOOK, method="jvp")
+    want, _ = resid_and_logits(models[torch.float32], ref.hooks(3.0))
     for dtype in HALF:
-        model = llama[dtype]
+        model = models[dtype]
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "unreliable" warning: the finite difference is not used
             iv = tl_steer.cold_fd(model, PAIRS, HOOK, method="fd")
         assert iv.fd_method == "fd" and iv.method_for(model) == "jvp"
         assert all(t.dtype == torch.float32 for t in iv.grads.values())
-        got, _ = resid_and_logits(model, iv.hooks(1.0))
-        wrong, _ = resid_and_logits(model, iv.hooks(-1.0))
+        got, _ = resid_and_logits(model, iv.hooks(3.0))
+        wrong, _ = resid_and_logits(model, iv.hooks(-3.0))
         assert_close(got, want, wrong, dtype, BACKWARD, "COLD-FD steered activation")
 
 
@@ -217,8 +227,8 @@ def test_cold_fd_steering_in_half_is_the_jvp(llama) -> None:
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_scoring(llama, dtype) -> None:
-    m32, model = llama[torch.float32], llama[dtype]
+def test_scoring(models, dtype) -> None:
+    m32, model = models[torch.float32], models[dtype]
     want, got = tl_steer.pair_nll(m32, PAIRS), tl_steer.pair_nll(model, PAIRS)
     assert got[0].dtype == torch.float32
     assert_close(torch.cat(got), torch.cat(want), torch.cat(got[::-1]), dtype, NLL, "pair NLL")
@@ -239,44 +249,52 @@ def test_scoring(llama, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_diffmean_and_cold_kernel(llama, dtype) -> None:
-    want = tl_steer.diffmean(llama[torch.float32], PAIRS, HOOK).vector
-    got = tl_steer.diffmean(llama[dtype], PAIRS, HOOK).vector
+def test_diffmean_and_cold_kernel(models, dtype) -> None:
+    want = tl_steer.diffmean(models[torch.float32], PAIRS, HOOK).vector
+    got = tl_steer.diffmean(models[dtype], PAIRS, HOOK).vector
     assert got.dtype == torch.float32
     assert_close(got, want, -got, dtype, FORWARD, "DiffMean vector")
-    want = tl_steer.cold_kernel(llama[torch.float32], PAIRS, HOOK).vector
-    got = tl_steer.cold_kernel(llama[dtype], PAIRS, HOOK).vector
+    want = tl_steer.cold_kernel(models[torch.float32], PAIRS, HOOK).vector
+    got = tl_steer.cold_kernel(models[dtype], PAIRS, HOOK).vector
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert_close(got, want, -got, dtype, BACKWARD, "COLD-Kernel vector")
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_split_and_sft_train_float32_parameters(llama, dtype) -> None:
+def test_split_and_sft_train_float32_parameters(models, dtype) -> None:
     """Training on a half model updates float32 master copies (AdamW in float32); the model's own weights
     stay half and untouched."""
     pairs = tl_steer.load_pairs("sentiment")[:8]
     kwargs = dict(epochs=2, batch_size=4, progress=False)
-    want, _ = tl_steer.split(llama[torch.float32], pairs, 1, "vector", **kwargs)
-    got, history = tl_steer.split(llama[dtype], pairs, 1, "vector", **kwargs)
+    want, want_history = tl_steer.split(models[torch.float32], pairs, 1, "vector", **kwargs)
+    got, history = tl_steer.split(models[dtype], pairs, 1, "vector", **kwargs)
     assert got.vector.dtype == torch.float32 and np.isfinite(history["loss"]).all()
-    assert_close(got.vector, want.vector, -got.vector, dtype, BACKWARD, "SPLIT vector")
-    want, want_history = tl_steer.sft(llama[torch.float32], pairs, 1, "lora", **kwargs)
-    got, history = tl_steer.sft(llama[dtype], pairs, 1, "lora", **kwargs)
+    if dtype == torch.float16:
+        assert_close(got.vector, want.vector, -got.vector, dtype, BACKWARD, "SPLIT vector")
+    else:
+        # bfloat16's 8 bits and AdamW's sign-like first steps leave entries with near-zero gradients at
+        # the mercy of rounding (up to 38% relative difference on the NeoX-style model): compare the
+        # training losses, as for LoRA below, and the direction.
+        loss, loss32 = history["loss"].to_numpy(), want_history["loss"].to_numpy()
+        assert_close(loss, loss32, 1.05 * loss32, dtype, NLL, "SPLIT vector training loss")
+        assert torch.nn.functional.cosine_similarity(got.vector, want.vector, dim=0) > 0.9
+    want, want_history = tl_steer.sft(models[torch.float32], pairs, 1, "lora", **kwargs)
+    got, history = tl_steer.sft(models[dtype], pairs, 1, "lora", **kwargs)
     assert got.B.dtype == torch.float32 and torch.isfinite(got.B).all() and got.B.abs().max() > 0
     # The LoRA factors are compared through the training losses, not entry by entry: AdamW's first steps
     # move every entry of B (zero at the start) by about +-lr whatever the size of its gradient, so an entry
     # whose gradient is near 0 takes the sign of a rounding (20% relative difference in bfloat16).
     loss, loss32 = history["loss"].to_numpy(), want_history["loss"].to_numpy()
     assert_close(loss, loss32, 1.05 * loss32, dtype, NLL, "SFT LoRA training loss")
-    assert all(p.dtype == dtype for p in llama[dtype].parameters())
+    assert all(p.dtype == dtype for p in models[dtype].parameters())
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_rank_features(llama, dtype) -> None:
+def test_rank_features(models, dtype) -> None:
     sae = make_sae()
     # (the rows come sorted by score, so align them by feature)
-    want = tl_steer.rank_features(llama[torch.float32], sae, PAIRS, n_measure=0).set_index("feature").sort_index()
-    got = tl_steer.rank_features(llama[dtype], sae, PAIRS, n_measure=0).set_index("feature").sort_index()
+    want = tl_steer.rank_features(models[torch.float32], sae, PAIRS, n_measure=0).set_index("feature").sort_index()
+    got = tl_steer.rank_features(models[dtype], sae, PAIRS, n_measure=0).set_index("feature").sort_index()
     for column in ("mean_diff", "output"):
         g, w = got[column].to_numpy(), want[column].to_numpy()
         assert_close(g, w, -g, dtype, FORWARD, f"rank_features {column}")
@@ -287,12 +305,12 @@ def test_rank_features(llama, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_preference_utility(llama, dtype) -> None:
+def test_preference_utility(models, dtype) -> None:
     iv = AddVector(HOOK, torch.randn(32, generator=torch.Generator().manual_seed(4)))
     ms = (-2.0, 0.0, 2.0)
-    want = tl_steer.preference_utility(llama[torch.float32], iv, PAIRS, ms, progress=False).table
-    cached = tl_steer.preference_utility(llama[dtype], iv, PAIRS, ms, progress=False).table
-    plain = tl_steer.preference_utility(llama[dtype], iv, PAIRS, ms, progress=False, cache_prefix=False).table
+    want = tl_steer.preference_utility(models[torch.float32], iv, PAIRS, ms, progress=False).table
+    cached = tl_steer.preference_utility(models[dtype], iv, PAIRS, ms, progress=False).table
+    plain = tl_steer.preference_utility(models[dtype], iv, PAIRS, ms, progress=False, cache_prefix=False).table
     np.testing.assert_allclose(cached["L_p"], plain["L_p"], rtol=2 * U[dtype])  # the same computation
     for got in (cached, plain):
         nll, nll32 = got[["L_p", "L_n"]].to_numpy(), want[["L_p", "L_n"]].to_numpy()
@@ -303,26 +321,26 @@ def test_preference_utility(llama, dtype) -> None:
 
 
 @pytest.fixture(scope="module")
-def probes(llama):
-    return {d: tl_steer.ManifoldProbe.fit(m, TEXTS, HOOK, k=4, progress=False) for d, m in llama.items()}
+def probes(models):
+    return {d: tl_steer.ManifoldProbe.fit(m, TEXTS, HOOK, k=4, progress=False) for d, m in models.items()}
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_manifold_probe_and_sweep(llama, probes, dtype) -> None:
+def test_manifold_probe_and_sweep(models, probes, dtype) -> None:
     s32, s = probes[torch.float32].stats[HOOK], probes[dtype].stats[HOOK]
     assert s.moments.mean.dtype == torch.float64 and s.moments.n == s32.moments.n
     assert_close(s.moments.mean, s32.moments.mean, -s.moments.mean, dtype, FORWARD, "probe mean")
     assert_close(s.covariance(), s32.covariance(), s.covariance().diag().diag(), dtype, FORWARD, "probe covariance")
     v = 3.0 * torch.randn(32, generator=torch.Generator().manual_seed(5))
     iv = AddVector(HOOK, v)
-    _, cache32 = llama[torch.float32].run_with_cache(TEXT, names_filter=HOOK)
-    _, cache = llama[dtype].run_with_cache(TEXT, names_filter=HOOK)
+    _, cache32 = models[torch.float32].run_with_cache(TEXT, names_filter=HOOK)
+    _, cache = models[dtype].run_with_cache(TEXT, names_filter=HOOK)
     want = probes[torch.float32].score(cache32[HOOK] + v)["mahalanobis"].to_numpy()
     got = probes[dtype].score(cache[HOOK] + v.to(dtype))["mahalanobis"].to_numpy()
     clean = probes[dtype].score(cache[HOOK])["mahalanobis"].to_numpy()
     assert_close(got, want, clean, dtype, FORWARD, "Mahalanobis distance of a steered activation")
-    want = tl_steer.manifold_sweep(llama[torch.float32], iv, PAIRS, (0, 1), probes[torch.float32], progress=False)
-    got = tl_steer.manifold_sweep(llama[dtype], iv, PAIRS, (0, 1), probes[dtype], progress=False)
+    want = tl_steer.manifold_sweep(models[torch.float32], iv, PAIRS, (0, 1), probes[torch.float32], progress=False)
+    got = tl_steer.manifold_sweep(models[dtype], iv, PAIRS, (0, 1), probes[dtype], progress=False)
     w, g = (r.table[r.table["label"] == "add_vector"] for r in (want, got))
     for column in ("mahalanobis", "norm", "knn"):
         wrong = g[column].to_numpy()[::-1].copy() if column != "norm" else 1.1 * g[column].to_numpy()
@@ -330,7 +348,7 @@ def test_manifold_probe_and_sweep(llama, probes, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_gap_and_comparison(llama, dtype) -> None:
+def test_gap_and_comparison(models, dtype) -> None:
     iv = AddVector(HOOK, torch.randn(32, generator=torch.Generator().manual_seed(6)))
 
     def gap(model):
@@ -339,7 +357,7 @@ def test_gap_and_comparison(llama, dtype) -> None:
         )
         return result.summary().set_index(["condition", "m", "metric"])["mean"]
 
-    want, got = gap(llama[torch.float32]), gap(llama[dtype])
+    want, got = gap(models[torch.float32]), gap(models[dtype])
     assert list(want.index) == list(got.index)
     util = [k for k in want.index if k[2] == "util_odds"]
     assert_close(got[util].to_numpy(), want[util].to_numpy(), 1.05 * got[util].to_numpy(), dtype, NLL, "gap utility")
@@ -349,6 +367,6 @@ def test_gap_and_comparison(llama, dtype) -> None:
     def compare(model):
         return tl_steer.compare_interventions(model, {"vec": iv}, PAIRS, progress=False).table.iloc[0]
 
-    want, got = compare(llama[torch.float32]), compare(llama[dtype])
+    want, got = compare(models[torch.float32]), compare(models[dtype])
     assert_close([got["util_odds"]], [want["util_odds"]], [1.05 * want["util_odds"]], dtype, NLL, "compared utility")
     assert abs(got["pref_odds"] - want["pref_odds"]) <= NLL * U[dtype] * 2 * 7.0  # |L_p| + |L_n| < 14 nats here

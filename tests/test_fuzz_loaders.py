@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from test_sae_steering import make_sae
 from transformer_lens import HookedTransformer
 
 import tl_steer
@@ -52,21 +53,14 @@ from tl_steer.methods.cold import cold_fd
 from tl_steer.methods.sae import sae_feature
 from tl_steer.module_delta import LocalWeight, LoRA
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HOOK = "blocks.1.hook_resid_post"
 PAIRS = [
     ContrastivePair("The film was", " wonderful and kind.", " awful and cold."),
     ContrastivePair("hello world, the weather is", " fine today.", " cold and dirty."),
 ]
 TEXTS = ["hello world, the weather is fine today.", "The food was awful and the room was cold."]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny float64 matmuls are much slower with 2 threads than with 1 on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def examples(factor: float) -> settings:
@@ -354,21 +348,6 @@ def check_intervention(iv: Any, model: HookedTransformer | None) -> None:
 
 
 # ----- seeds: valid files written by the real code ---------------------------------------------------------
-def make_sae(model: HookedTransformer) -> Any:
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    torch.manual_seed(0)
-    cfg = StandardSAEConfig(d_in=model.cfg.d_model, d_sae=16, dtype="float64", metadata=SAEMetadata(hook_name=HOOK))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sae = StandardSAE(cfg)
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 0.3)
-        sae.b_enc.normal_(0, 0.1)
-    return sae
-
-
 def make_seeds(model: HookedTransformer) -> dict[str, Intervention]:
     """One small valid intervention of every kind (two for sae_feature: add, and clamp with its SAE)."""
     g = torch.Generator().manual_seed(0)
@@ -376,7 +355,7 @@ def make_seeds(model: HookedTransformer) -> dict[str, Intervention]:
     lora.B.normal_(0, 0.1, generator=g)
     local = LocalWeight.for_model(model, 2)
     local.dW.normal_(0, 0.01, generator=g)
-    sae = make_sae(model)
+    sae = make_sae(model.cfg.d_model, 16, HOOK)
     seeds: dict[str, Intervention] = {
         "add_vector": tl_steer.AddVector(
             HOOK, torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64), info={"note": "fuzz seed"}

@@ -17,6 +17,8 @@ from tl_steer.analysis.gap import BASELINE, Condition, capability_behavior_gap, 
 from tl_steer.data.mc import MCItem
 from tl_steer.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ITEMS = [
     MCItem("The film was", (" wonderful", " awful", " cold"), 0),
     MCItem("The food was", (" fresh", " dirty", " wide"), 0),
@@ -30,7 +32,6 @@ INSTRUCTION = "Be positive."
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     return make_model("llama")
 
 

@@ -19,6 +19,8 @@ from tl_steer import ABItem, ContrastivePair, MCItem
 from tl_steer.errors import ConfigError, DataError
 from tl_steer.scoring import batches, max_batch_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HOOK = "blocks.1.hook_resid_post"
 PAIRS = [
     ContrastivePair("The film was", " wonderful and kind", " awful and cold"),
@@ -30,7 +32,6 @@ LONG_TEXT = "hello world, the weather is fine today. " * 40  # ~ 400 tokens; the
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     return make_model("llama")
 
 

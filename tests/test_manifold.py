@@ -19,6 +19,8 @@ from tl_steer.analysis.manifold import ManifoldProbe, RunningMoments, auroc
 from tl_steer.analysis.manifold_sweep import COVARIANCE, ISOTROPIC, manifold_sweep, random_baselines
 from tl_steer.analysis.preference_utility import preference_utility
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HOOK = "blocks.1.hook_resid_post"
 _SUBJECTS = ["the world", "the weather", "fresh bread", "a cup of tea", "the film", "the staff", "the food", "the room"]
 _WORDS = ["wide", "fine", "wonderful", "kind", "awful", "cold", "dirty", "friendly"]
@@ -61,15 +63,6 @@ def ledoit_wolf_by_hand(x):
     b2 = sum(np.sum((np.outer(row, row) - S) ** 2) for row in x) / n**2
     s = min(b2, d2) / d2
     return (1 - s) * S + s * target, s
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny float64 matmuls are ~100x slower with 2 threads than with 1 on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

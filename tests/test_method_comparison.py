@@ -15,10 +15,11 @@ from tl_steer import AddVector
 from tl_steer.analysis.method_comparison import compare_interventions, compare_methods, trained_strength
 from tl_steer.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     return make_model("llama")
 
 

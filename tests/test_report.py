@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 from conftest import make_model, no_hooks_left
 from test_gap import ITEMS
 from test_sae_steering import make_sae
@@ -19,10 +18,11 @@ from tl_steer.errors import ConfigError
 from tl_steer.report import ReportData, ReportSettings, pipeline, run_report
 from tl_steer.report.html import Figure, Section, render
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     return make_model("llama")
 
 

@@ -16,6 +16,8 @@ import tl_steer
 from tl_steer.errors import ConfigError, HookNameError, ShapeError
 from tl_steer.methods.sae import concept_tokens, output_scores, rank_features, sae_feature
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HOOK = "blocks.1.hook_resid_post"
 TEXT = "The film was wonderful and the staff were kind."
 
@@ -35,7 +37,6 @@ def make_sae(d_in: int = 32, d_sae: int = 64, hook: str = HOOK, seed: int = 0) -
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
     return make_model("llama")
 
 

@@ -19,13 +19,14 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_model, no_hooks_left
-from sae_lens import StandardSAE, StandardSAEConfig
-from sae_lens.saes.sae import SAEMetadata
+from test_sae_steering import make_sae
 from transformer_lens import HookedTransformer
 
 import tl_steer
 from tl_steer import ABItem, Condition, ContrastivePair, MCItem
 from tl_steer.positions import _BOUNDARY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOK = "blocks.1.hook_resid_post"
 PAIRS = [
@@ -133,29 +134,17 @@ class Snapshot:
         return out
 
 
-def make_sae(d_in: int) -> StandardSAE:
-    torch.manual_seed(0)
-    cfg = StandardSAEConfig(d_in=d_in, d_sae=48, dtype="float64", metadata=SAEMetadata(hook_name=HOOK))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sae = StandardSAE(cfg)
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 0.3)
-        sae.b_enc.normal_(0, 0.1)
-    return sae
-
-
-@pytest.fixture(scope="module")
-def model() -> HookedTransformer:
-    torch.set_num_threads(1)
-    return make_model("llama")
+@pytest.fixture(scope="module", params=["llama", "neox"])
+def model(request: pytest.FixtureRequest) -> HookedTransformer:
+    # Llama style, and NeoX style, whose parallel attention has no resid_mid for module deltas to read.
+    return make_model(request.param)
 
 
 @pytest.fixture(scope="module")
 def parts(model: HookedTransformer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     vector = tl_steer.diffmean(model, PAIRS, HOOK)
     lora, _ = tl_steer.sft(model, PAIRS, 1, "lora", **TRAIN)
-    sae = make_sae(model.cfg.d_model)
+    sae = make_sae(model.cfg.d_model, 48, HOOK)
     probe = tl_steer.ManifoldProbe.fit(model, TEXTS, HOOK, k=4, progress=False)
     path = tl_steer.save(vector, tmp_path_factory.mktemp("leaks") / "vector")
     return {"vector": vector, "lora": lora, "sae": sae, "probe": probe, "path": path}
