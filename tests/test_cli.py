@@ -168,3 +168,36 @@ def test_report_interrupted_says_how_to_resume(
     assert cli.main(["report", "--quick", "--out", str(tmp_path / "r")]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and f"{tmp_path / 'r'}/cache" in err and "resume" in err
+
+
+def test_sweep_runs_in_half_precision(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pandas as pd
+    import torch
+    from conftest import make_model
+
+    loaded = []
+
+    def tiny() -> object:
+        model = make_model("llama", dtype=torch.float32)
+        loaded.append(model)
+        return model
+
+    monkeypatch.setattr(tl_steer.models, "load_default_model", tiny)
+    argv = ["sweep", "--dtype", "bfloat16", "--n-train", "8", "--n-test", "4", "--ms=-2,0,2"]
+    assert cli.main([*argv, "--out", str(tmp_path / "bf16")]) == 0
+    assert loaded[-1].cfg.dtype == torch.bfloat16
+    assert cli.main([*argv[:1], *argv[3:], "--out", str(tmp_path / "fp32")]) == 0
+    assert loaded[-1].cfg.dtype == torch.float32
+    half, full = (pd.read_csv(tmp_path / d / "preference_utility.csv") for d in ("bf16", "fp32"))
+    assert half["m"].tolist() == full["m"].tolist()
+    # bfloat16 NLLs of ~6 nats are within 2 u = 0.8% of float32's; PrefOdds differ by a few hundredths.
+    assert (half["pref_odds"] - full["pref_odds"]).abs().max() < 0.1
+    code, _, err = run_cli(["sweep", "--dtype", "float8"], capsys)
+    assert code == 2 and "invalid choice: 'float8'" in err
+
+
+def test_with_dtype_refuses_unknown_names() -> None:
+    with pytest.raises(tl_steer.TlSteerError, match="--dtype must be one of float32, float16, bfloat16"):
+        cli.with_dtype(object(), "int8")

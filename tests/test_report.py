@@ -136,3 +136,20 @@ def test_report_renders_in_a_headless_browser(report, tmp_path) -> None:
     assert attrs["figures"] == "4" and attrs["figures-loaded"] == "4", attrs
     assert attrs["empty-sections"] == "0", attrs
     assert dom.count("<section") == 5 and dom.count("<figcaption>") == 4
+
+
+def test_an_unreadable_cache_says_how_to_start_over(tmp_path) -> None:
+    from tl_steer.report.store import Store
+
+    store = Store(tmp_path, {"a": 1})
+    assert store.record("step", lambda: {"x": 1}) == {"x": 1}
+    store.frame("table", lambda: __import__("pandas").DataFrame({"x": [1]}))
+    (tmp_path / "cache" / "step.json").write_text('{"x": ')  # a crash mid-write by another tool
+    (tmp_path / "cache" / "table.csv").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"step.json is unreadable .*--fresh"):
+        store.record("step", lambda: {"x": 2})
+    with pytest.raises(ConfigError, match=r"table.csv is unreadable .*--fresh"):
+        store.frame("table", lambda: None)
+    (tmp_path / "cache" / "settings.json").write_text("[" * 100_000)
+    with pytest.raises(ConfigError, match=r"settings.json is unreadable .*--fresh"):
+        Store(tmp_path, {"a": 1})

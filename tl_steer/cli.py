@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--n-test", type=int, default=None, help="use only the first N test pairs")
     sweep.add_argument("--out", default="out", help="directory for the figure and CSV tables (default: out)")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
+    sweep.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="the model's dtype (default: float32); vectors and statistics stay float32/float64",
+    )
     _add_report(sub)
     return parser
 
@@ -104,6 +110,12 @@ def _add_report(sub: Any) -> None:
     report.add_argument("--instruction", default=None, help="prompting baseline text (default: the concept's)")
     report.add_argument("--model", default=None, help="a local Hugging Face model folder (default: SmolLM2-135M)")
     report.add_argument("--sae", default=None, help="a local sae-lens SAE folder (default: the shipped one, layer 15)")
+    report.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="the model's dtype (default: float32); vectors and statistics stay float32/float64",
+    )
     report.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
     report.add_argument("--fresh", action="store_true", help="discard cached results in --out first")
     report.add_argument("--out", default="report", help="output directory (default: report)")
@@ -148,7 +160,7 @@ def _sweep(args: argparse.Namespace) -> int:
     _check_writable(out)
 
     start = time.perf_counter()
-    model = load_default_model()
+    model = with_dtype(load_default_model(), args.dtype)
     layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
     if not 0 <= layer < model.cfg.n_layers:
         raise TlSteerError(f"--layer must be in 0..{model.cfg.n_layers - 1}, got {layer}")
@@ -198,7 +210,7 @@ def _report(args: argparse.Namespace) -> int:
     else:
         train, test, name = load_pairs(args.concept, "train"), load_pairs(args.concept, "test"), args.concept
         instruction = args.instruction or CONCEPT_INSTRUCTIONS.get(args.concept)
-    model = _load_model(args.model)
+    model = with_dtype(_load_model(args.model), args.dtype)
     layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
     if not 0 <= layer < model.cfg.n_layers:
         raise TlSteerError(f"--layer must be in 0..{model.cfg.n_layers - 1}, got {layer}")
@@ -221,6 +233,20 @@ def _report(args: argparse.Namespace) -> int:
     result = run_report(model, data, settings, out, fresh=args.fresh)
     print(f"wrote {out / 'report.html'} and {len(result.files) - 1} other files in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def with_dtype(model: Any, dtype: str) -> Any:
+    """The model cast to ``dtype`` (one of :data:`DTYPES`), in place; float32 leaves it as loaded."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise TlSteerError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    return model
 
 
 def _load_model(path: str | None) -> Any:

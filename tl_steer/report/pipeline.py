@@ -194,6 +194,8 @@ def run_report(
     # (data, sizes, layer, model) would mix results of two configurations.
     keyed = {k: v for k, v in settings.to_json().items() if k not in ("methods", "forms")}
     keyed |= {"data": data.name, "model": model.cfg.model_name}
+    if model.cfg.dtype != torch.float32:  # only then, so that caches of float32 runs stay valid
+        keyed["dtype"] = str(model.cfg.dtype).removeprefix("torch.")
     store = Store(out, keyed)
     if fresh:
         store.clear()

@@ -26,6 +26,21 @@ def _name(key: str) -> str:
     return key.replace("/", "__").replace(" ", "_")
 
 
+def _unreadable(path: Path, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"the cached file {path} is unreadable ({exc.__class__.__name__}: {exc}); delete it, or rerun with "
+        "--fresh to discard every cached result"
+    )
+
+
+def _read_json(path: Path) -> Any:
+    """A cached JSON file, or a :class:`ConfigError` saying how to start over if it is unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
 class Store:
     """Cached step results under ``root/cache``."""
 
@@ -35,7 +50,7 @@ class Store:
         self.cache.mkdir(parents=True, exist_ok=True)
         path = self.cache / "settings.json"
         if path.exists():
-            saved = json.loads(path.read_text())
+            saved = _read_json(path)
             if saved != settings:
                 changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
                 raise ConfigError(
@@ -57,7 +72,10 @@ class Store:
     def frame(self, key: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
         path = self.cache / f"{_name(key)}.csv"
         if path.exists():
-            return pd.read_csv(path)
+            try:
+                return pd.read_csv(path)
+            except (OSError, UnicodeDecodeError, ValueError) as exc:  # pandas' parser errors are ValueErrors
+                raise _unreadable(path, exc) from exc
         frame = compute()
         self._atomic(path, lambda p: frame.to_csv(p, index=False))
         return frame
@@ -65,7 +83,7 @@ class Store:
     def record(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         path = self.cache / f"{_name(key)}.json"
         if path.exists():
-            result: dict[str, Any] = json.loads(path.read_text())
+            result: dict[str, Any] = _read_json(path)
             return result
         value = compute()
         self._atomic(path, lambda p: p.write_text(json.dumps(value, indent=1)))
