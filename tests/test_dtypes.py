@@ -370,3 +370,16 @@ def test_gap_and_comparison(models, dtype) -> None:
     want, got = compare(models[torch.float32]), compare(models[dtype])
     assert_close([got["util_odds"]], [want["util_odds"]], [1.05 * want["util_odds"]], dtype, NLL, "compared utility")
     assert abs(got["pref_odds"] - want["pref_odds"]) <= NLL * U[dtype] * 2 * 7.0  # |L_p| + |L_n| < 14 nats here
+
+
+def test_float16_overflow_names_the_strength_and_the_fix(llama) -> None:
+    model = llama[torch.float16]
+    v = tl_steer.diffmean(model, PAIRS, HOOK)
+    table = tl_steer.preference_utility(model, v, PAIRS, (0.0, 1e4), progress=False).table  # still finite
+    assert np.isfinite(table["pref_odds"]).all()
+    with pytest.raises(tl_steer.DataError, match=r"non-finite NLL at m=1000000.0 .*float16 activations overflow"):
+        tl_steer.preference_utility(model, v, PAIRS, (0.0, 1e6), progress=False)
+    # bfloat16 has float32's range: the same strength stays finite there.
+    model = llama[torch.bfloat16]
+    table = tl_steer.preference_utility(model, tl_steer.diffmean(model, PAIRS, HOOK), PAIRS, (0.0, 1e6), progress=False)
+    assert np.isfinite(table.table["pref_odds"]).all()

@@ -225,7 +225,12 @@ def preference_utility(
         bad = ~(np.isfinite(L_p) & np.isfinite(L_n))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"non-finite NLL at m={m} for pair {i} (prompt {items[i].prompt!r})")
+            hint = (
+                "; float16 activations overflow past 65504: use a smaller m, or the model in bfloat16 or float32"
+                if model.cfg.dtype == torch.float16
+                else ""
+            )
+            raise DataError(f"non-finite NLL at m={m} for pair {i} (prompt {items[i].prompt!r}){hint}")
         pref, util, clipped = log_odds(L_p, L_n, eps)
         frames.append(
             pd.DataFrame(
