@@ -146,9 +146,7 @@ def logits_budget(n_bytes: int) -> Iterator[None]:
         with tl_steer.logits_budget(256 * 2**20):  # 256 MiB per pass
             tl_steer.preference_utility(model, vector, pairs)
     """
-    if isinstance(n_bytes, bool) or not isinstance(n_bytes, numbers.Integral) or n_bytes < 1:
-        raise ConfigError(f"the logits budget must be a positive number of bytes, got {n_bytes!r}")
-    token = _LOGITS_BUDGET.set(int(n_bytes))
+    token = _LOGITS_BUDGET.set(check_positive_int("the logits budget (bytes)", n_bytes))
     try:
         yield
     finally:
@@ -160,11 +158,11 @@ def max_batch_tokens(model: HookedTransformer) -> int:
     return max(1, _LOGITS_BUDGET.get() // (4 * int(model.cfg.d_vocab)))
 
 
-def check_batch_size(batch_size: object) -> int:
-    """``batch_size`` as an int >= 1, or a :class:`ConfigError` saying what it was."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return int(batch_size)
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as an int >= 1 (numpy integers too, booleans not), or a :class:`ConfigError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -174,7 +172,7 @@ def batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = No
     (rows x its longest row), so a large batch of long sequences is chunked instead of running out of
     memory; a sequence longer than ``max_tokens`` gets a batch of its own.
     """
-    size = check_batch_size(batch_size)
+    size = check_positive_int("batch_size", batch_size)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     out: list[list[int]] = []
     for i in order:

@@ -70,7 +70,7 @@ from tl_steer.hookpoints import HookSite, validate_hook
 from tl_steer.interventions import AddVector, Edit, HookFn, Intervention, check_strength
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionsLike, PositionState, steer_mask
-from tl_steer.scoring import Tokenized, batches, pad_right, pad_token_id, tokenize_completions
+from tl_steer.scoring import Tokenized, batches, check_positive_int, pad_right, pad_token_id, tokenize_completions
 
 Loss = Literal["dpo", "nll"]
 Example = ContrastivePair | tuple[str, str] | tuple[str, str, str]
@@ -198,8 +198,7 @@ class _Batch:
 def _groups(ex: Examples, data: Tokenized, batch_size: int, ns: list[int] | None = None) -> list[list[int]]:
     """Example indices in batches. Without ``ns``: batches of similar length. With ``ns`` (sorted prefix
     sizes): consecutive batches that never cross a prefix end, so running sums can be read at each n."""
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = check_positive_int("batch_size", batch_size)
     n = len(ex)
     if ns is None:
         lengths = [len(s) for s in data.sequences]
