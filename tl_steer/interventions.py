@@ -17,6 +17,7 @@ import math
 import numbers
 import weakref
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, cast
 
@@ -48,11 +49,12 @@ def check_strength(m: float) -> float:
     return value
 
 
-def check_grid(ms: object, *, name: str = "ms") -> list[float]:
+def check_grid(ms: object, *, name: str = "ms", unique: bool = False) -> list[float]:
     """A strength grid as a list of finite floats: any sequence or iterable of real numbers, in order.
 
-    A single number, a string or an empty grid is a :class:`ConfigError` saying how to write one; the
-    grid may be long (thousands of values cost one pass each and nothing more).
+    A single number, a string or an empty grid is a :class:`ConfigError` saying how to write one, and
+    so, with ``unique``, is a repeated value; the grid may be long (thousands of values cost one pass
+    each and nothing more).
     """
     if isinstance(ms, (str, bytes, numbers.Real)) or isinstance(ms, Tensor) and ms.ndim == 0:
         raise ConfigError(f"{name} must be a sequence of strengths, e.g. {name}=[-1, 0, 1], got {ms!r}")
@@ -68,6 +70,9 @@ def check_grid(ms: object, *, name: str = "ms") -> list[float]:
             grid.append(check_strength(m))
         except (TypeError, ConfigError) as exc:
             raise ConfigError(f"{name}[{i}]: {exc}") from exc
+    if unique and len(set(grid)) != len(grid):
+        repeated = sorted(m for m, count in Counter(grid).items() if count > 1)
+        raise ConfigError(f"the strength grid {name} has repeated values: {repeated[:10]}")
     return grid
 
 

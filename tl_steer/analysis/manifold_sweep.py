@@ -342,9 +342,7 @@ def manifold_sweep(
         chat, batch_size, progress: as in :func:`~tl_steer.analysis.preference_utility.preference_utility`.
     """
     items = check_pairs(pairs)
-    grid = check_grid(ms)
-    if len(set(grid)) != len(grid):
-        raise ConfigError(f"the strength grid has repeated values: {sorted(m for m in set(grid) if grid.count(m) > 1)}")
+    grid = check_grid(ms, unique=True)
     if texts not in ("positive", "both"):
         raise ConfigError(f"texts must be 'positive' or 'both', got {texts!r}")
     name = probe._resolve_hook(hook)

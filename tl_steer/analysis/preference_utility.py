@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,10 +255,7 @@ def preference_utility(
 
 
 def _check_grid(ms: Sequence[float]) -> list[float]:
-    grid = check_grid(ms)
-    if len(set(grid)) != len(grid):
-        repeated = sorted(m for m, count in Counter(grid).items() if count > 1)
-        raise ConfigError(f"the strength grid has repeated values: {repeated[:10]}")
+    grid = check_grid(ms, unique=True)
     if 0.0 not in grid:
         warnings.warn("the strength grid has no m = 0: there is no clean reference point", stacklevel=3)
     return grid
