@@ -82,7 +82,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     # TransformerLens reloads the tokenizer from its name_or_path, so give it a folder to reload from.
     folder = tempfile.mkdtemp(prefix="tl_steer_tok_")
     fast.save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 ARCHITECTURES = {

@@ -28,8 +28,10 @@ def test_logits_match_hugging_face_from_the_same_file(default_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = default_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
     texts = ["The quick brown fox jumps over the lazy dog.", "User: Can you help me?\nAssistant: Sure, here is"]
     for text in texts:
         ids = tokenizer(text, return_tensors="pt").input_ids
