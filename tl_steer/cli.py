@@ -49,10 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
             "figure and CSV tables to --out."
         ),
     )
-    source = sweep.add_mutually_exclusive_group()
-    source.add_argument("--concept", default="sentiment", help="built-in concept (default: sentiment)")
-    source.add_argument("--pairs", help="a JSONL file of pairs (prompt, positive, negative); split 75/25")
-    sweep.add_argument("--layer", type=int, default=None, help="layer of blocks.L.hook_resid_post (default: middle)")
+    _add_model_arguments(sweep)
     sweep.add_argument(
         "--ms",
         type=_floats,
@@ -63,14 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--n-test", type=int, default=None, help="use only the first N test pairs")
     sweep.add_argument("--out", default="out", help="directory for the figure and CSV tables (default: out)")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
-    sweep.add_argument(
+    _add_report(sub)
+    return parser
+
+
+def _add_model_arguments(parser: Any) -> None:
+    """The options both commands share: where the pairs come from, the layer and the model's dtype."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--concept", default="sentiment", help="built-in concept (default: sentiment)")
+    source.add_argument("--pairs", help="a JSONL file of pairs (prompt, positive, negative); split 75/25")
+    parser.add_argument("--layer", type=int, default=None, help="layer of blocks.L.hook_resid_post (default: middle)")
+    parser.add_argument(
         "--dtype",
         choices=DTYPES,
         default="float32",
         help="the model's dtype (default: float32); vectors and statistics stay float32/float64",
     )
-    _add_report(sub)
-    return parser
+
+
+def _layer(model: Any, layer: int | None) -> int:
+    """``--layer``, or the middle layer; a layer the model lacks is an error."""
+    layer = model.cfg.n_layers // 2 if layer is None else layer
+    if not 0 <= layer < model.cfg.n_layers:
+        raise TlSteerError(f"--layer must be in 0..{model.cfg.n_layers - 1}, got {layer}")
+    return layer
 
 
 def _add_report(sub: Any) -> None:
@@ -88,10 +101,7 @@ def _add_report(sub: Any) -> None:
             "after an interruption to resume."
         ),
     )
-    source = report.add_mutually_exclusive_group()
-    source.add_argument("--concept", default="sentiment", help="built-in concept (default: sentiment)")
-    source.add_argument("--pairs", help="a JSONL file of pairs (prompt, positive, negative); split 75/25")
-    report.add_argument("--layer", type=int, default=None, help="layer of blocks.L.hook_resid_post (default: middle)")
+    _add_model_arguments(report)
     report.add_argument(
         "--methods",
         nargs="+",
@@ -110,12 +120,6 @@ def _add_report(sub: Any) -> None:
     report.add_argument("--instruction", default=None, help="prompting baseline text (default: the concept's)")
     report.add_argument("--model", default=None, help="a local Hugging Face model folder (default: SmolLM2-135M)")
     report.add_argument("--sae", default=None, help="a local sae-lens SAE folder (default: the shipped one, layer 15)")
-    report.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="float32",
-        help="the model's dtype (default: float32); vectors and statistics stay float32/float64",
-    )
     report.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
     report.add_argument("--fresh", action="store_true", help="discard cached results in --out first")
     report.add_argument("--out", default="report", help="output directory (default: report)")
@@ -161,9 +165,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     model = with_dtype(load_default_model(), args.dtype)
-    layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
-    if not 0 <= layer < model.cfg.n_layers:
-        raise TlSteerError(f"--layer must be in 0..{model.cfg.n_layers - 1}, got {layer}")
+    layer = _layer(model, args.layer)
     hook = f"blocks.{layer}.hook_resid_post"
     print(f"model {model.cfg.model_name}, concept {name!r}: {len(train)} train / {len(test)} test pairs, hook {hook}")
     vector = diffmean(model, train, hook)
@@ -211,9 +213,7 @@ def _report(args: argparse.Namespace) -> int:
         train, test, name = load_pairs(args.concept, "train"), load_pairs(args.concept, "test"), args.concept
         instruction = args.instruction or CONCEPT_INSTRUCTIONS.get(args.concept)
     model = with_dtype(_load_model(args.model), args.dtype)
-    layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
-    if not 0 <= layer < model.cfg.n_layers:
-        raise TlSteerError(f"--layer must be in 0..{model.cfg.n_layers - 1}, got {layer}")
+    layer = _layer(model, args.layer)
     forms = tuple(args.forms or (("vector",) if args.quick else ("vector", "lora", "local_weight")))
     settings = ReportSettings.make(
         name, layer, quick=args.quick, methods=tuple(args.methods), forms=forms, instruction=instruction
