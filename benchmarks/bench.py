@@ -16,11 +16,15 @@ Sections (default model = tl_steer.load_default_model(), SmolLM2-135M-Instruct, 
   forward-backward passes;
 - train: SPLIT / SFT, time per epoch per form;
 - manifold: ManifoldProbe fitting throughput and scoring cost;
+- adaptive: a forward pass steered by each adaptive form (clamp, budget, rotation, conditional) against a
+  clean one;
+- layers: a layer sweep over every layer x 9 strengths against separate cached-prefix sweeps, and
+  multiple-choice scoring with the question prefix shared against full sequences;
 - tiny: the same measurements on a tiny random HookedTransformer (tests/conftest.py make_model).
 
     python benchmarks/bench.py                 # everything, about 10-15 min on a busy 2-core machine
     python benchmarks/bench.py --quick         # fewer repetitions and smaller inputs, about 6 min
-    python benchmarks/bench.py --sections sweep cold --out /tmp/bench.md
+    python benchmarks/bench.py --sections sweep cold --out out/bench.md
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 WORKER = BENCH / "bench_peer_worker.py"
 DEFAULT_PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
-SECTIONS = ("steer", "sweep", "cold", "train", "manifold", "tiny")
+SECTIONS = ("steer", "sweep", "cold", "train", "manifold", "generation", "adaptive", "layers", "tiny")
 TITLES = {
     "steer": "1. Steering overhead",
     "sweep": "2. Preference-utility sweep",
@@ -57,6 +61,9 @@ TITLES = {
     "train": "4. SPLIT / SFT training",
     "manifold": "5. Manifold probe",
     "peer": "6. Peer library (steering-vectors)",
+    "generation": "7. Batched steered generation",
+    "adaptive": "8. Adaptive steering",
+    "layers": "9. Layer sweep and multiple-choice scoring",
 }
 GEN_PROMPT = "I went to the cinema and"
 
@@ -79,6 +86,7 @@ class Settings:
     manifold_reps: int = 2
     tiny_scale: int = 4  # repetitions multiplier on the tiny model
     tiny_inner: int = 20  # calls per timed repetition on the tiny model (one call is ~1 ms)
+    mc_questions: int = 60  # multiple-choice questions scored per call (section layers)
 
 
 FULL = Settings()
@@ -97,6 +105,7 @@ QUICK = Settings(
     manifold_reps=2,
     tiny_scale=2,
     tiny_inner=10,
+    mc_questions=20,
 )
 
 
@@ -396,7 +405,7 @@ def section_steer(t: Target, s: Settings, tmp: Path, peer_python: Path | None) -
 
         return loop
 
-    hooks = vector.hooks(1.0, n_layers=t.n_layers)
+    hooks = vector.hooks(1.0, model=model)
 
     def hooks_only() -> None:
         # TransformerLens' own hook context with the hooks built once: the per-pass cost of the hook alone.
@@ -674,7 +683,7 @@ def section_cold(t: Target, s: Settings, tmp: Path) -> dict[str, Any]:
                 built[kind] = tl_steer.cold_kernel(model, items, t.hook)
             else:
                 # eps = 1e-3: the published 1e-6 loses part of the perturbation to fp32 rounding (and warns).
-                built[kind] = tl_steer.cold_fd(model, items, t.hook, method="fd", eps=1e-3)
+                built[kind] = tl_steer.cold_fd(model, items, t.hook, fd_method="fd", eps=1e-3)
 
         return run
 
@@ -919,6 +928,185 @@ def section_manifold(t: Target, s: Settings, tmp: Path) -> dict[str, Any]:
     }
 
 
+def section_generation(t: Target, s: Settings, tmp: Path) -> dict[str, Any]:
+    """tl_steer.generate on 8 held-out sentiment prompts in one left-padded batch (KV cache, greedy), steered
+    by the DiffMean vector at m = 1 against the same call on the clean model (issue 17: goal <= 1.05x)."""
+    import tl_steer
+
+    model = t.model
+    vector = diffmean_vector(t, tmp)
+    prompts = tl_steer.load_prompts("sentiment", "test")[:8]
+    n_new = s.gen_new
+
+    steps: dict[float, int] = {}
+
+    def run(m: float) -> Callable[[], Any]:
+        def call() -> None:
+            table = tl_steer.generate(model, vector, prompts, [m], max_new_tokens=n_new, batch_size=8)
+            # A batch runs until its last row ends (EOS or n_new): the longest text sets the decoding steps.
+            steps[m] = int(table["n_tokens"].max())
+
+        return call
+
+    times = interleaved({"steered": run(1.0), "clean": run(0.0)}, s.gen_reps * t.reps)
+    return {
+        "rows": [
+            row(
+                "generation",
+                f"batched generation of {len(prompts)} prompts (<= {n_new} new tokens, KV cache), steered / clean",
+                t.label,
+                times=times,
+                num="steered",
+                den="clean",
+                reference="goal <= 1.05x",
+                note=f"tl_steer.generate, DiffMean at m = 1 vs m = 0 (m = 0 installs no hook); decoding steps "
+                f"{steps[1.0]} steered, {steps[0.0]} clean (a batch stops when every row has reached EOS)",
+            )
+        ]
+    }
+
+
+def section_adaptive(t: Target, s: Settings, tmp: Path) -> dict[str, Any]:
+    """A forward pass steered by each adaptive form at m = 1 (projection clamp, probe-budgeted addition,
+    rotation, conditional DiffMean; tl_steer.methods.adaptive) against the clean pass (issue 18: goal
+    <= 1.05x), all back to back; fitted on the first s.train_pairs sentiment train pairs."""
+    import torch
+
+    import tl_steer
+    from tl_steer.methods import adaptive
+
+    model = t.model
+    pairs = tl_steer.load_pairs("sentiment", "train")[: s.train_pairs]
+    acts = adaptive.concept_activations(model, pairs, t.hook)
+    base = diffmean_vector(t, tmp)
+    texts = [p.prompt + c for p in pairs for c in (p.positive, p.negative)]
+    probe = tl_steer.ManifoldProbe.fit(model, texts, t.hook, k=t.manifold_k, progress=False)
+    forms = {
+        "clamp": adaptive.projection_clamp(model, None, t.hook, base=base, activations=acts),
+        "budget": adaptive.budgeted_addition(model, None, t.hook, probe, q=0.99, base=base, activations=acts),
+        "rotation": adaptive.rotation(model, None, t.hook, base=base, activations=acts),
+        "conditional": adaptive.conditional(
+            base, adaptive.condition_probe(model, None, t.hook, activations=acts, fires_on="negative")
+        ),
+    }
+    fwd = forward_tokens(t, s.fwd_tokens)
+
+    def forward(iv: Any) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(t.inner):
+                if iv is None:
+                    model(fwd)
+                else:
+                    with tl_steer.steer(model, iv, m=1.0):
+                        model(fwd)
+
+        return run
+
+    with torch.no_grad():
+        times = interleaved({"clean": forward(None)} | {k: forward(v) for k, v in forms.items()}, s.fwd_reps * t.reps)
+    return {
+        "rows": [
+            row(
+                "adaptive",
+                f"forward pass ({s.fwd_tokens} tokens), {name} at m = 1 / clean",
+                t.label,
+                times=times,
+                num=name,
+                den="clean",
+                reference="goal <= 1.05x",
+                show={name: name, "clean": "clean"},
+                scale=1.0 / t.inner,
+                note=f"`steer()` entered and left in every call; the hook at block {t.layer} of {t.n_layers}",
+            )
+            for name in forms
+        ]
+    }
+
+
+# ----- 9: layer sweep and multiple-choice scoring --------------------------------------------------------------
+
+
+def section_layers(t: Target, s: Settings, tmp: Path) -> dict[str, Any]:
+    """tl_steer.layer_sweep's scoring (one clean pass per batch, every layer's suffix per strength) against
+    preference_utility run separately per layer (each with its own cached prefix): every layer of the model,
+    9 strengths, DiffMean vectors from one pass; and multiple-choice scoring with the question prefix shared
+    (KV cache, unembedding only at scored positions) against full question + option sequences."""
+    import numpy as np
+    import torch
+
+    import tl_steer
+    from tl_steer.analysis.layer_sweep import _sweep_layers, diffmean_layers, layer_count
+    from tl_steer.analysis.preference_utility import _tokenize_pairs
+
+    model, n_layers = t.model, t.n_layers
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    built = diffmean_layers(model, tl_steer.load_pairs("sentiment", "train")[:16], hooks)
+    ivs = {layer: built[h] for layer, h in enumerate(hooks)}
+    pairs = tl_steer.load_pairs("sentiment", "test")[: s.sweep_pairs]
+    grid = [float(m) for m in np.linspace(-4, 4, 9)]
+
+    def sweep(items: list[Any]) -> Callable[[], None]:
+        data = _tokenize_pairs(model, items, False)
+        return lambda: _sweep_layers(model, ivs, data, grid, "mean", 16, False, "")
+
+    def separate(items: list[Any]) -> Callable[[], None]:
+        def run() -> None:
+            for iv in ivs.values():
+                tl_steer.preference_utility(model, iv, items, grid, progress=False)
+
+        return run
+
+    with torch.no_grad():
+        times = interleaved(
+            {"sweep": sweep(pairs), "separate": separate(pairs)},
+            s.sweep_reps * t.reps,
+            warmups={"sweep": sweep(pairs[:1]), "separate": separate(pairs[:1])},
+        )
+    blocks, blocks_sep = layer_count(n_layers, [iv.first_layer(n_layers) for iv in ivs.values()], len(grid) - 1)
+    rows = [
+        row(
+            "layers",
+            f"layer sweep, all {n_layers} layers x 9 strengths: one clean pass per batch / separate cached-prefix "
+            "sweeps",
+            t.label,
+            times=times,
+            num="sweep",
+            den="separate",
+            reference=f"goal <= 0.95x; block count {blocks}/{blocks_sep} = {blocks / blocks_sep:.2f}x",
+            note=f"{len(pairs)} sentiment test pairs, DiffMean at every resid_post from one pass",
+        )
+    ]
+    items = tl_steer.load_mc_items("general")[: s.mc_questions]
+    vector = ivs[t.layer]
+
+    def mc(shared: bool, subset: list[Any]) -> Callable[[], None]:
+        return lambda: tl_steer.mc_option_nll(model, subset, interventions=[vector], m=1.0, shared_prefix=shared)
+
+    with torch.no_grad():
+        times = interleaved(
+            {"shared": mc(True, items), "full": mc(False, items)},
+            s.sweep_reps * t.reps,
+            warmups={"shared": mc(True, items[:2]), "full": mc(False, items[:2])},
+        )
+    fast = tl_steer.mc_option_nll(model, items, interventions=[vector], shared_prefix=True)
+    slow = tl_steer.mc_option_nll(model, items, interventions=[vector], shared_prefix=False)
+    finite = torch.isfinite(slow)  # inf marks the missing options of items with fewer
+    diff = float((fast[finite] - slow[finite]).abs().max())
+    rows.append(
+        row(
+            "layers",
+            f"multiple choice, {len(items)} questions steered at m = 1: shared question prefix / full sequences",
+            t.label,
+            times=times,
+            num="shared",
+            den="full",
+            reference="goal <= 0.6x",
+            note=f"built-in general set; max |NLL difference| between the paths {diff:.1e}",
+        )
+    )
+    return {"rows": rows}
+
+
 # ----- running a section in this process --------------------------------------------------------------------------
 
 
@@ -930,7 +1118,15 @@ def run_section(name: str, s: Settings, tmp: Path, peer_python: Path | None) -> 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     start = time.perf_counter()
-    funcs = {"sweep": section_sweep, "cold": section_cold, "train": section_train, "manifold": section_manifold}
+    funcs = {
+        "sweep": section_sweep,
+        "cold": section_cold,
+        "train": section_train,
+        "manifold": section_manifold,
+        "generation": section_generation,
+        "adaptive": section_adaptive,
+        "layers": section_layers,
+    }
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
     if name == "tiny":
@@ -1007,7 +1203,7 @@ def report(results: list[dict[str, Any]], header: dict[str, Any], quick: bool) -
         "|---|---|---|---:|---:|---|---|---|---|",
     ]
     all_rows = [r for res in results for r in res.get("rows", [])]
-    for sec in ("steer", "sweep", "cold", "train", "manifold", "peer"):
+    for sec in TITLES:  # every section in its numbered order
         for r in sorted((r for r in all_rows if r["section"] == sec), key=lambda r: r["model"] != "default"):
             wall = f"{r['wall_ratio']:.3f}x" if "wall_ratio" in r else ""
             cells = [TITLES[sec], r["what"], r["model"], r["result"], wall, r["reference"], fmt_times(r), fmt_reps(r)]

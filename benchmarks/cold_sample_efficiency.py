@@ -1,4 +1,4 @@
-"""Sample efficiency of DiffMean, COLD-Kernel and COLD-FD on the default model (methods.md section 4).
+"""Sample efficiency of DiffMean, COLD-Kernel and COLD-FD on the default model (docs/methods.md, section 6).
 
     python benchmarks/cold_sample_efficiency.py [--behaviour sentiment] [--train-on pairs|ab] [--seeds 0 1 2]
 
@@ -71,12 +71,13 @@ def fd_precision_check(model, examples) -> None:
     """|fd - jvp| / |jvp| on 4 inputs, for the published eps and the one used here."""
     data = tokenize_completions(model, [p.prompt for p in examples[:4]], [p.positive for p in examples[:4]])
     tokens = pad_right(data.sequences, pad_token_id(model), model.cfg.device or "cpu")
-    jvp = cold_fd(model, examples, HOOK, method="jvp")
+    jvp = cold_fd(model, examples, HOOK, fd_method="jvp")
     clean = capture(model, tokens)
-    exact = capture(model, tokens, jvp.hooks(1.0)) - clean
+    # Raw steps (unit 1): each unit is measured from its own dZ, which would hide part of the difference.
+    exact = capture(model, tokens, jvp.with_unit(1.0).hooks(1.0, model=model)) - clean
     for eps in (1e-6, EPS):
-        fd = cold_fd(model, examples, HOOK, eps=eps)
-        approx = capture(model, tokens, fd.hooks(1.0)) - clean
+        fd = cold_fd(model, examples, HOOK, fd_method="fd", eps=eps)
+        approx = capture(model, tokens, fd.with_unit(1.0).hooks(1.0, model=model)) - clean
         rel = float((approx - exact).norm() / exact.norm())
         log(
             f"COLD-FD eps={eps:g} (N={len(examples)}): |fd - jvp| / |jvp| = {rel:.3g}; share of eps*g lost to "

@@ -1,7 +1,7 @@
 """Manifold-distance probe on the default model: the distance curve against m, its relation to UtilOdds,
 probe fitting speed and scoring cost.
 
-Settings (the numbers of the README come from this script with its defaults):
+Settings (the numbers of docs/results.md, section 4, come from this script with its defaults):
 
 - model: SmolLM2-135M-Instruct (tl_steer.load_default_model), float32, CPU;
 - probe: hook blocks.15.hook_resid_post, fitted on the prompt + completion texts (both completions) of the
@@ -163,8 +163,8 @@ def main() -> None:
         from tl_steer.methods.split import split
 
         split_iv, _ = split(model, train, args.layer, "vector", progress=False)
-        # SPLIT's vector is trained for m around info["m_typical"] (the median of its grid): put that at m = 2.
-        scale = float(split_iv.info.get("m_typical", 2.0)) / 2.0
+        # m = 1 is the strength SPLIT's vector was trained for (the median of its grid): put that at m = 2.
+        scale = 0.5
         split_ms = tuple(round(m * scale, 3) for m in MS)
         results.append(
             manifold_sweep(model, split_iv, test, split_ms, probe, texts="both", baselines=False, progress=False)
@@ -172,7 +172,8 @@ def main() -> None:
         assert isinstance(split_iv, AddVector)
         split_note = (
             f" SPLIT (vector form, defaults, trained on the same 100 pairs; |v| = {float(split_iv.vector.norm()):.2f}) "
-            f"swept at m in {split_ms} (its m_typical = {2 * scale:g} at the place of m = 2), without baselines."
+            f"swept at m in {split_ms} (m = 1, its trained strength, at the place of m = 2; unit {split_iv.unit:g}), "
+            "without baselines."
         )
     sweep_s = time.perf_counter() - start
 

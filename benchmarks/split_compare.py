@@ -1,9 +1,9 @@
 """SFT vs SPLIT in the three forms (vector, LoRA, local weight), with DiffMean as a baseline, on the default model.
 
 A thin driver of :func:`tl_steer.compare_methods`: for each concept it trains on the built-in train split and
-sweeps every condition on the test split over m = r * m_trained (r in -1, -0.5, 0, 0.5, 1, 1.5, 2), where
-m_trained is the median of the training grid for SFT/SPLIT and 1 for DiffMean. The table gives mean PrefOdds
-and UtilOdds (nats per token, 95% bootstrap CI over the test pairs) at m_trained, their change from m = 0,
+sweeps every condition on the test split over m in -1, -0.5, 0, 0.5, 1, 1.5, 2, where m = 1 is the strength
+each was made for (its unit: the median of the training grid for SFT/SPLIT, 1 for DiffMean). The table gives
+mean PrefOdds and UtilOdds (nats per token, 95% bootstrap CI over the test pairs) at m = 1, their change from m = 0,
 and the strength range around 0 where UtilOdds stays within 1 of its m = 0 value.
 
 Run from the repository root::

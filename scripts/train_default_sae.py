@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         for name in ("cfg.json", "sae_weights.safetensors"):
             shutil.copyfile(Path(tmp) / name, args.out / name)
+        # The digest that tl_steer.load_default_sae() checks the shipped weights against.
+        from tl_steer.default_sae import write_weights_digest
+
+        write_weights_digest(args.out)
 
     sae = SAE.load_from_disk(str(args.out))
     quality = sae_quality(model, sae, heldout_rows[: args.eval_rows], skip_first=SKIP_FIRST)

@@ -13,12 +13,28 @@ from unittest import mock
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from jaxtyping import install_import_hook
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.weight_processing import ProcessWeights
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# ----- run-time shape checks: the jaxtyping annotations of tl_steer are checked by beartype on each call ---
+# (as TransformerLens' own tests do). Installed before anything imports tl_steer; the test
+# test_jaxtyping_shapes_are_checked_at_run_time fails if it ever stops being active. TL_STEER_SHAPE_CHECKS=0
+# turns it off (to time the suite without it).
+# Only the modules that use jaxtyping annotations are instrumented: decorating every function of the others
+# would cost import time for nothing.
+SHAPE_CHECKS = os.environ.get("TL_STEER_SHAPE_CHECKS", "1") != "0"
+_PACKAGE = Path(__file__).resolve().parents[1] / "tl_steer"
+SHAPE_CHECKED_MODULES = sorted(
+    ".".join(path.relative_to(_PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+    for path in _PACKAGE.rglob("*.py")
+    if "from jaxtyping import" in path.read_text(encoding="utf-8")
+)
+JAXTYPING_HOOK = install_import_hook(SHAPE_CHECKED_MODULES, "_shapes.shapes_only") if SHAPE_CHECKS else None
 
 # ----- fuzzing (tests/test_fuzz_loaders.py): hypothesis profiles and a count of the inputs tried ----------
 # "ci" (the default) is small and derandomized, so CI runs the same examples every time; "large"
@@ -60,6 +76,28 @@ _CORPUS = [
     "I went to the market and bought fresh bread and a cup of tea.",
     "The film was wonderful and the staff were kind and friendly.",
     "The food was awful and the room was cold and dirty.",
+]
+
+
+# Sentiment pairs (prompt, positive, negative) in the tiny tokenizer's vocabulary, shared by the tiny-model
+# method tests: each takes the first few it needs (ContrastivePair(*t)), so their data stay the same.
+SENTIMENT_PAIRS = [
+    ("The film was", " wonderful and kind.", " awful and cold."),
+    ("I went to the market and", " bought fresh bread.", " the food was awful."),
+    ("hello world, the weather is", " fine today.", " cold and dirty."),
+    ("The staff were", " kind and friendly.", " rude."),
+    ("The food was", " wonderful.", " awful and cold."),
+    ("The weather is", " kind and fine.", " dirty and cold."),
+]
+# The hook the tiny-model method tests steer at.
+TINY_HOOK = "blocks.1.hook_resid_post"
+# Multiple-choice questions (question, options, answer index) in the tiny tokenizer's vocabulary: MCItem(*t).
+MC_QUESTIONS = [
+    ("What is wide?", ("the world", "the bread", "the tea", "the room"), 0),
+    ("How was the film?", ("awful", "wonderful", "cold", "dirty"), 1),
+    ("What did I buy at the market?", ("fresh bread", "a film", "the weather", "a room"), 0),
+    ("The staff were", ("cold", "dirty", "kind and friendly", "awful"), 2),
+    ("hello", ("world", "market", "tea", "bread and a cup of tea"), 0),
 ]
 
 

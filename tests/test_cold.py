@@ -4,12 +4,13 @@ per forward pass, no parameter gradients, the model untouched, generation, save/
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHITECTURES, make_model, no_hooks_left
+from conftest import ARCHITECTURES, SENTIMENT_PAIRS, TINY_HOOK, make_model, no_hooks_left
 from transformer_lens import HookedTransformer
 
 import tl_steer
@@ -25,13 +26,8 @@ from tl_steer.methods.cold import (
     parameters_before,
 )
 
-HOOK = "blocks.1.hook_resid_post"
-PAIRS = [
-    ContrastivePair("The film was", " wonderful and kind.", " awful and cold."),
-    ContrastivePair("I went to the market and", " bought fresh bread.", " the food was awful."),
-    ContrastivePair("hello world, the weather is", " fine today.", " cold and dirty."),
-    ContrastivePair("The staff were", " kind and friendly.", " rude."),
-]
+HOOK = TINY_HOOK
+PAIRS = [ContrastivePair(*t) for t in SENTIMENT_PAIRS[:4]]
 POSITIVE_ONLY = [(p.prompt, p.positive) for p in PAIRS]
 TEXTS = ["hello world, the weather is fine today.", "The food was awful"]
 
@@ -133,7 +129,7 @@ def test_kernel_sets_no_parameter_grad_and_restores_flags(tiny):
     try:
         flags = [p.requires_grad for p in model.parameters()]
         cold_kernel(model, PAIRS, HOOK)
-        cold_fd(model, PAIRS, HOOK, method="jvp")
+        cold_fd(model, PAIRS, HOOK, fd_method="jvp")
         assert [p.requires_grad for p in model.parameters()] == flags
         assert all(p.grad is None for p in model.parameters())
 
@@ -161,8 +157,8 @@ def test_kernel_sets_no_parameter_grad_and_restores_flags(tiny):
 def test_fd_and_jvp_match_a_real_gradient_step(arch, examples, request):
     model = make_model(arch) if arch != "llama" else request.getfixturevalue("tiny")
     eta = 1e-3
-    fd = cold_fd(model, examples, HOOK, eta=eta, eps=1e-6, batch_size=3)
-    jvp = cold_fd(model, examples, HOOK, eta=eta, method="jvp", batch_size=3)
+    fd = cold_fd(model, examples, HOOK, eta=eta, fd_method="fd", eps=1e-6, batch_size=3)
+    jvp = cold_fd(model, examples, HOOK, eta=eta, fd_method="jvp", batch_size=3)
     kernel = cold_kernel(model, examples, HOOK, eta=eta)
 
     # The true change: take the gradient step on a copy, with the loss written by hand.
@@ -192,9 +188,10 @@ def test_fd_and_jvp_match_a_real_gradient_step(arch, examples, request):
     true_change = capture(stepped, tokens, HOOK) - clean
     step(eta / 2)
     true_half = capture(stepped, tokens, HOOK) - clean
-    d_fd = capture(model, tokens, HOOK, fd.hooks(1.0)) - clean
-    d_jvp = capture(model, tokens, HOOK, jvp.hooks(1.0)) - clean
-    d_kernel = capture(model, tokens, HOOK, kernel.hooks(1.0)) - clean
+    # At raw strength 1 (unit 1): the published step -eta J g, not m = 1's scale to DiffMean's norm.
+    d_fd = capture(model, tokens, HOOK, fd.with_unit(1.0).hooks(1.0, model=model)) - clean
+    d_jvp = capture(model, tokens, HOOK, jvp.with_unit(1.0).hooks(1.0, model=model)) - clean
+    d_kernel = capture(model, tokens, HOOK, kernel.with_unit(1.0).hooks(1.0)) - clean
     cos_fd, cos_jvp, cos_kernel = cosine(d_fd, true_change), cosine(d_jvp, true_change), cosine(d_kernel, true_change)
     print(
         f"\n[{arch}/{examples[0].__class__.__name__}] cos(fd, true)={cos_fd:.8f} cos(jvp, true)={cos_jvp:.8f} "
@@ -217,12 +214,12 @@ def fp32_model(arch: str) -> HookedTransformer:
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_fd_and_jvp_agree_in_float32(arch):
     model = fp32_model(arch)
-    fd = cold_fd(model, PAIRS, HOOK, eps=1e-3)
-    jvp = cold_fd(model, PAIRS, HOOK, method="jvp")
+    fd = cold_fd(model, PAIRS, HOOK, fd_method="fd", eps=1e-3)
+    jvp = cold_fd(model, PAIRS, HOOK, fd_method="jvp")
     tokens = right_padded(model)
     clean = capture(model, tokens, HOOK)
-    d_fd = capture(model, tokens, HOOK, fd.hooks(1.0)) - clean
-    d_jvp = capture(model, tokens, HOOK, jvp.hooks(1.0)) - clean
+    d_fd = capture(model, tokens, HOOK, fd.with_unit(1.0).hooks(1.0, model=model)) - clean
+    d_jvp = capture(model, tokens, HOOK, jvp.with_unit(1.0).hooks(1.0, model=model)) - clean
     rel = float((d_fd - d_jvp).norm() / d_jvp.norm())
     print(f"\n[{arch} fp32] |fd - jvp| / |jvp| = {rel:.2e} (eps=1e-3)")
     assert rel <= 1e-3
@@ -231,8 +228,57 @@ def test_fd_and_jvp_agree_in_float32(arch):
 def test_fd_warns_when_eps_is_lost_to_rounding():
     model = fp32_model("llama")
     with pytest.warns(UserWarning, match="lost to rounding"):
-        iv = cold_fd(model, PAIRS, HOOK, eps=1e-9)
+        iv = cold_fd(model, PAIRS, HOOK, fd_method="fd", eps=1e-9)
     assert iv.info["fd_rounding_error"] > 0.2
+
+
+def logits_change(model: HookedTransformer, iv: ColdFD, tokens: torch.Tensor) -> torch.Tensor:
+    """The change of the logits that ``iv`` makes at raw strength 1 (unit 1, so that two interventions
+    whose units were measured separately are compared at the same strength)."""
+    with torch.no_grad():
+        clean = model(tokens)
+        with tl_steer.steer(model, iv.with_unit(1.0), m=1.0):
+            return model(tokens) - clean
+
+
+def test_default_is_the_exact_jvp_within_one_percent_of_an_accurate_finite_difference(tiny):
+    """The default of cold_fd is the exact forward-mode product; in float64 a finite difference with a small
+    step is an independent, accurate estimate of the same change, and the default agrees with it to 1%."""
+    model = tiny  # float64
+    default = cold_fd(model, PAIRS, HOOK)
+    assert default.fd_method == "jvp"
+    fd = cold_fd(model, PAIRS, HOOK, fd_method="fd", eps=1e-6)
+    assert fd.fd_method == "fd" and fd.eps == 1e-6
+    tokens = right_padded(model)
+    exact, approx = logits_change(model, default, tokens), logits_change(model, fd, tokens)
+    rel = float((approx - exact).norm() / exact.norm())
+    print(f"\n[tiny float64] |fd(eps=1e-6) - default| / |default| = {rel:.2e}")
+    assert exact.norm() > 0 and rel <= 1e-2
+    # The published setting stays one argument away, with the published step.
+    assert cold_fd(model, PAIRS, HOOK, fd_method="fd").eps == 1e-6
+    with pytest.raises(ValueError, match="no effect with fd_method='jvp'"):
+        cold_fd(model, PAIRS, HOOK, eps=1e-3)
+    assert no_hooks_left(model) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.default_model
+def test_default_model_published_eps_is_far_from_the_jvp(default_model):
+    """On the default model in float32 the published step (eps = 1e-6) is far from the exact JVP in the
+    steered logits' change, and eps = 1e-3 is close: the reason the default is the JVP. Prints the numbers
+    the README quotes."""
+    model = default_model
+    pairs = tl_steer.load_pairs("sentiment", "train")[:2]
+    hook = "blocks.15.hook_resid_post"
+    tokens = model.to_tokens(["I tried the new bakery and", "The weather today is"], padding_side="right")
+    exact = logits_change(model, cold_fd(model, pairs, hook), tokens)
+    rels = {}
+    for eps in (1e-6, 1e-3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the rounding warning at 1e-6 is the point here
+            fd = cold_fd(model, pairs, hook, fd_method="fd", eps=eps)
+        rels[eps] = float((logits_change(model, fd, tokens) - exact).norm() / exact.norm())
+    print(f"\n[default model fp32] |fd - jvp| / |jvp| of the steered logits' change: {rels}")
+    assert rels[1e-6] > 0.1 and rels[1e-3] < 0.02
 
 
 def test_one_perturbed_partial_pass_per_forward_whatever_n(tiny):
@@ -274,30 +320,30 @@ def test_perturbed_pass_sees_no_other_hooks_and_triggers_none(tiny):
     with hooks suspended), and jvp composes with an earlier intervention without being changed by it."""
     model = tiny
     tokens = right_padded(model)
-    jvp = cold_fd(model, PAIRS, HOOK, method="jvp")
+    jvp = cold_fd(model, PAIRS, HOOK, fd_method="jvp")
     seen = []
     with tl_steer.steer(model, jvp, m=1.0), torch.no_grad():
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda a, hook: seen.append(a))])
     assert len(seen) == 1
     # jvp's dZ does not depend on an intervention before it.
     clean = capture(model, tokens, HOOK)
-    alone = capture(model, tokens, HOOK, jvp.hooks(1.0)) - clean
+    alone = capture(model, tokens, HOOK, jvp.hooks(1.0, model=model)) - clean
     shift = tl_steer.AddVector("blocks.0.hook_resid_post", torch.ones(model.cfg.d_model, dtype=torch.float64))
     shifted = capture(model, tokens, HOOK, shift.hooks(1.0))
-    both = capture(model, tokens, HOOK, [*shift.hooks(1.0), *jvp.hooks(1.0)]) - shifted
+    both = capture(model, tokens, HOOK, [*shift.hooks(1.0), *jvp.hooks(1.0, model=model)]) - shifted
     torch.testing.assert_close(both, alone, rtol=1e-10, atol=1e-12)
 
 
 def test_padding_and_batching_do_not_change_dz(gpt2):
     model = gpt2
-    iv = cold_fd(model, PAIRS, HOOK, method="jvp", eta=0.1)
+    iv = cold_fd(model, PAIRS, HOOK, fd_method="jvp", eta=0.1)
     batch = right_padded(model)
     clean = capture(model, batch, HOOK)
-    steered = capture(model, batch, HOOK, iv.hooks(1.0))
+    steered = capture(model, batch, HOOK, iv.hooks(1.0, model=model))
     for row, text in enumerate(TEXTS):
         single = model.to_tokens(text)
         n = single.shape[1]
-        alone = capture(model, single, HOOK, iv.hooks(1.0)) - capture(model, single, HOOK)
+        alone = capture(model, single, HOOK, iv.hooks(1.0, model=model)) - capture(model, single, HOOK)
         torch.testing.assert_close((steered - clean)[row, :n], alone[0], rtol=1e-9, atol=1e-12)
 
 
@@ -322,10 +368,10 @@ def test_prefixes_equal_separate_runs(tiny):
 def test_position_policy_limits_the_steered_positions(tiny):
     model = tiny
     tokens = model.to_tokens("hello world, the weather is fine")
-    iv = cold_fd(model, PAIRS, HOOK, method="jvp", positions="last_prompt")
+    iv = cold_fd(model, PAIRS, HOOK, fd_method="jvp", positions="last_prompt")
     clean = capture(model, tokens, HOOK)
     with tl_steer.prompt_boundary(4):
-        steered = capture(model, tokens, HOOK, iv.hooks(1.0))
+        steered = capture(model, tokens, HOOK, iv.hooks(1.0, model=model))
     changed = (steered - clean).abs().amax(-1)[0] > 0
     assert changed.tolist() == [i == 3 for i in range(tokens.shape[1])]
 
@@ -335,7 +381,8 @@ def test_generation_cached_equals_uncached_when_steering_the_prompt(tiny_any, me
     model = tiny_any
     # eta = 1.5 at m = 3 changes the greedy tokens on every tiny architecture (eta = 0.5 left the folded
     # GPT-2's unchanged).
-    iv = cold_fd(model, PAIRS, HOOK, method=method, eta=1.5, positions="prompt")
+    # At unit 1, the raw step, whose size eta sets (m = 1 would be DiffMean's norm, whatever eta).
+    iv = cold_fd(model, PAIRS, HOOK, method=method, eta=1.5, positions="prompt").with_unit(1.0)
     kw = dict(max_new_tokens=8, do_sample=False, verbose=False, return_type="tokens")
     clean = model.generate("hello world, the", **kw)
     out = {}
@@ -355,7 +402,7 @@ def test_generation_cached_equals_uncached_when_steering_the_prompt(tiny_any, me
 
 def test_generation_other_policies_need_the_uncached_path(tiny):
     model = tiny
-    iv = cold_fd(model, PAIRS, HOOK, method="jvp", positions="all")
+    iv = cold_fd(model, PAIRS, HOOK, fd_method="jvp", positions="all")
     with pytest.raises(TlSteerError, match="use_past_kv_cache=False"), tl_steer.steer(model, iv, m=1.0):
         model.generate("hello world, the", max_new_tokens=3, verbose=False)
     assert no_hooks_left(model) and "generate" not in vars(model)
@@ -379,17 +426,17 @@ def test_kernel_vector_generation_cached_equals_uncached(tiny):
 def test_m_zero_is_clean_and_m_scales(tiny):
     model = tiny
     tokens = right_padded(model)
-    iv = cold_fd(model, PAIRS, HOOK, method="jvp")
+    iv = cold_fd(model, PAIRS, HOOK, fd_method="jvp")
     assert iv.hooks(0.0) == []
     clean = capture(model, tokens, HOOK)
-    one = capture(model, tokens, HOOK, iv.hooks(1.0)) - clean
-    three = capture(model, tokens, HOOK, iv.hooks(3.0)) - clean
+    one = capture(model, tokens, HOOK, iv.hooks(1.0, model=model)) - clean
+    three = capture(model, tokens, HOOK, iv.hooks(3.0, model=model)) - clean
     torch.testing.assert_close(three, 3 * one, rtol=1e-10, atol=1e-12)
 
 
 def test_save_and_load_round_trip(tiny_any, tmp_path):
     model = tiny_any
-    iv = cold_fd(model, PAIRS, HOOK, eta=0.3, eps=1e-5, positions="prompt")
+    iv = cold_fd(model, PAIRS, HOOK, eta=0.3, fd_method="fd", eps=1e-5, positions="prompt")
     path = tl_steer.save(iv, tmp_path / "cold")
     loaded = tl_steer.load(path, model)
     assert isinstance(loaded, ColdFD)
@@ -400,16 +447,18 @@ def test_save_and_load_round_trip(tiny_any, tmp_path):
     with tl_steer.steer(model, loaded, m=2.0), torch.no_grad():
         got = model(tokens)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    # with_positions shares the tensors and the binding.
+    assert loaded.unit == iv.unit != 1.0
+    # with_positions shares the tensors and the unit.
     twin = iv.with_positions("all")
-    assert twin.positions.kind == "all"
+    assert twin.positions.kind == "all" and twin.unit == iv.unit
     assert twin.grads["blocks.0.attn.W_Q"].data_ptr() == iv.grads["blocks.0.attn.W_Q"].data_ptr()
-    twin.hooks(1.0)
-    # Loaded without a model, it binds when steer checks it.
-    unbound = tl_steer.load(path)
-    with pytest.raises(TlSteerError, match="not bound"):
-        unbound.hooks(1.0)
-    with tl_steer.steer(model, unbound, m=2.0), torch.no_grad():
+    # Loaded without a model, it needs one to build its hooks, and gets it from steer, even unchecked.
+    unchecked = tl_steer.load(path)
+    with pytest.raises(TlSteerError, match=r"needs the model.*model=model"):
+        unchecked.hooks(1.0)
+    with tl_steer.steer(model, unchecked, m=2.0, check=False), torch.no_grad():
+        torch.testing.assert_close(model(tokens), expected, rtol=0, atol=0)
+    with tl_steer.steer(model, tl_steer.load(path), m=2.0), torch.no_grad():
         torch.testing.assert_close(model(tokens), expected, rtol=0, atol=0)
     # Another model does not fit.
     with pytest.raises(ValueError):
@@ -451,20 +500,23 @@ def test_bad_input_fd_specific(tiny):
     model = tiny
     for value in (0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="eps"):
-            cold_fd(model, PAIRS, HOOK, eps=value)
+            cold_fd(model, PAIRS, HOOK, fd_method="fd", eps=value)
     with pytest.raises(HookNameError, match="at least one block"):
         cold_fd(model, PAIRS, "blocks.0.hook_resid_pre")
     with pytest.raises(HookNameError, match="resid"):
         cold_fd(model, PAIRS, "blocks.1.attn.hook_z")
     with pytest.raises(ValueError, match="method"):
         cold_fd(model, PAIRS, HOOK, method="central")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not both"):
+        cold_fd(model, PAIRS, HOOK, fd_method="fd", method="fd")
+    assert cold_fd(model, PAIRS, HOOK, method="fd").fd_method == "fd"  # the old name of fd_method still works
     with pytest.raises(ValueError, match="where"):
         cold_kernel(model, PAIRS, HOOK, where="everywhere")  # type: ignore[arg-type]
 
 
 def test_fd_needs_the_pass_to_start_at_block_0(tiny):
     model = tiny
-    iv = cold_fd(model, PAIRS, HOOK, method="jvp")
+    iv = cold_fd(model, PAIRS, HOOK, fd_method="jvp")
     assert iv.first_layer(model.cfg.n_layers) == 0
     resid = model(model.to_tokens("hello world"), stop_at_layer=1)
     with pytest.raises(TlSteerError, match="block 0"), tl_steer.steer(model, iv, m=1.0), torch.no_grad():
@@ -521,7 +573,7 @@ def test_sample_efficiency_on_pairs_and_bad_settings(tiny):
     order = np.random.default_rng(0).permutation(len(PAIRS))
     for row in equal.itertuples():
         if row.method == "cold_fd":
-            iv = cold_fd(tiny, [PAIRS[i] for i in order[:2]], HOOK, eps=1e-3)
+            iv = cold_fd(tiny, [PAIRS[i] for i in order[:2]], HOOK, fd_method="fd", eps=1e-3)
             assert row.m * added_norm(tiny, iv, *reference) == pytest.approx(3.0, rel=1e-6)
     with pytest.raises(ValueError, match="more examples"):
         sample_efficiency(tiny, "sentiment", ns=(5,), train_on="pairs", train_pairs=PAIRS, **common)

@@ -209,8 +209,9 @@ def test_position_policies_and_cached_generation(models, dtype) -> None:
 
 
 def test_cold_fd_steering_in_half_is_the_jvp(models) -> None:
-    ref = tl_steer.cold_fd(models[torch.float32], PAIRS, HOOK, method="jvp")
-    want, _ = resid_and_logits(models[torch.float32], ref.hooks(3.0))
+    # Raw steps (unit 1): the units are measured in each dtype; this compares the dZ computed.
+    ref = tl_steer.cold_fd(models[torch.float32], PAIRS, HOOK, method="jvp").with_unit(1.0)
+    want, _ = resid_and_logits(models[torch.float32], ref.hooks(3.0, model=models[torch.float32]))
     for dtype in HALF:
         model = models[dtype]
         with warnings.catch_warnings():
@@ -218,8 +219,9 @@ def test_cold_fd_steering_in_half_is_the_jvp(models) -> None:
             iv = tl_steer.cold_fd(model, PAIRS, HOOK, method="fd")
         assert iv.fd_method == "fd" and iv.method_for(model) == "jvp"
         assert all(t.dtype == torch.float32 for t in iv.grads.values())
-        got, _ = resid_and_logits(model, iv.hooks(3.0))
-        wrong, _ = resid_and_logits(model, iv.hooks(-3.0))
+        raw = iv.with_unit(1.0)
+        got, _ = resid_and_logits(model, raw.hooks(3.0, model=model))
+        wrong, _ = resid_and_logits(model, raw.hooks(-3.0, model=model))
         assert_close(got, want, wrong, dtype, BACKWARD, "COLD-FD steered activation")
 
 
@@ -377,7 +379,8 @@ def test_float16_overflow_names_the_strength_and_the_fix(llama) -> None:
     v = tl_steer.diffmean(model, PAIRS, HOOK)
     table = tl_steer.preference_utility(model, v, PAIRS, (0.0, 1e4), progress=False).table  # still finite
     assert np.isfinite(table["pref_odds"]).all()
-    with pytest.raises(tl_steer.DataError, match=r"non-finite NLL at m=1000000.0 .*float16 activations overflow"):
+    # Refused at the first steered pass, inside the hook, naming m and the hook (was a non-finite NLL later).
+    with pytest.raises(tl_steer.ConfigError, match=r"m=1e\+06 is too large at .*float16.*bfloat16 or float32"):
         tl_steer.preference_utility(model, v, PAIRS, (0.0, 1e6), progress=False)
     # bfloat16 has float32's range: the same strength stays finite there.
     model = llama[torch.bfloat16]

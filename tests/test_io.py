@@ -6,6 +6,7 @@ import json
 import random
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,8 @@ def test_read_metadata_without_loading_tensors(
     monkeypatch.setattr(tl_steer.io, "read_tensors", no_tensors)
     meta = tl_steer.read_metadata(saved)
     assert meta["format"] == "tl_steer.intervention"
-    assert meta["version"] == 1
+    assert meta["version"] == 2
+    assert meta["unit"] == 1.0
     assert meta["kind"] == "add_vector"
     assert meta["method"] == "diffmean"
     assert meta["hook_names"] == [HOOK]
@@ -204,7 +206,8 @@ def write_with_meta(path: Path, meta: dict | str) -> Path:
 
 GOOD_META = {
     "format": "tl_steer.intervention",
-    "version": 1,
+    "version": 2,
+    "unit": 1.0,
     "kind": "add_vector",
     "method": "diffmean",
     "hook_names": ["blocks.0.hook_resid_post"],
@@ -229,6 +232,10 @@ def test_hand_written_metadata_loads(tmp_path: Path) -> None:
         ({"kind": None}, "unknown intervention kind"),
         ({"format": "something.else"}, "does not describe a tl_steer intervention"),
         ({"version": 99}, "format version 99"),
+        ({"unit": None}, "unit must be a positive real number"),
+        ({"unit": 0.0}, "unit must be finite and > 0"),
+        ({"unit": -2.5}, "unit must be finite and > 0"),
+        ({"unit": "11"}, "unit must be a positive real number"),
         ({"config": {}}, "does not match the AddVector format"),
         ({"widths": {"blocks.0.hook_resid_post": 5}}, "differ from the metadata"),
     ],
@@ -238,6 +245,56 @@ def test_bad_metadata(tmp_path: Path, change: dict, problem: str) -> None:
     with pytest.raises(FileFormatError) as info:
         tl_steer.load(path)
     assert problem in str(info.value)
+
+
+def test_unit_round_trips(tmp_path: Path) -> None:
+    iv = AddVector("blocks.0.hook_resid_pre", torch.ones(4), unit=11.0)
+    path = tl_steer.save(iv, tmp_path / "unit")
+    assert tl_steer.read_metadata(path)["unit"] == 11.0
+    loaded = tl_steer.load(path)
+    assert loaded.unit == 11.0 and loaded.raw_strength(0.5) == 5.5
+    # A twin with another unit shares the tensor; saved and loaded, it keeps its own unit.
+    twin = iv.with_unit(2.0)
+    assert twin.vector is iv.vector and twin.unit == 2.0 and iv.unit == 11.0
+    assert tl_steer.load(tl_steer.save(twin, tmp_path / "twin")).unit == 2.0
+
+
+# A file as tl_steer 0.1.0 wrote it: format version 1, no "unit", SPLIT's strength in info["m_typical"].
+V1_META = {
+    "format": "tl_steer.intervention",
+    "version": 1,
+    "kind": "add_vector",
+    "method": "split",
+    "hook_names": ["blocks.0.hook_resid_post"],
+    "widths": {"blocks.0.hook_resid_post": 4},
+    "positions": "all",
+    "info": {"form": "vector", "m_grid": [2.0, 11.0, 20.0], "m_typical": 11.0},
+    "model_identity": None,
+    "config": {"hook": "blocks.0.hook_resid_post"},
+}
+
+
+def test_version_1_file_loads_converted(tmp_path: Path) -> None:
+    path = write_with_meta(tmp_path / "old_split.safetensors", V1_META)
+    with pytest.warns(UserWarning, match=r"old_split\.safetensors was saved by tl_steer 0\.1.*unit = 11 "):
+        loaded = tl_steer.load(path)
+    assert loaded.unit == 11.0 and "m_typical" not in loaded.info and loaded.info["m_grid"] == [2.0, 11.0, 20.0]
+    # m = 1 is what m = 11 was in 0.1.0: the same raw strength.
+    assert loaded.raw_strength(1.0) == 11.0
+    # Saved again, it is a version 2 file that loads without a warning.
+    again = tl_steer.save(loaded, tmp_path / "new_split")
+    assert tl_steer.read_metadata(again)["version"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tl_steer.load(again).unit == 11.0
+
+
+@pytest.mark.parametrize("typical", [None, -1.0, "11", 0])
+def test_version_1_file_without_usable_m_typical_gets_unit_1(tmp_path: Path, typical: object) -> None:
+    info = {"n_pairs": 3} if typical is None else {"m_typical": typical}
+    path = write_with_meta(tmp_path / "old.safetensors", {**V1_META, "method": "diffmean", "info": info})
+    with pytest.warns(UserWarning, match="unit = 1 "):
+        assert tl_steer.load(path).unit == 1.0
 
 
 def test_metadata_that_is_not_json(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import no_hooks_left
+from conftest import MC_QUESTIONS, no_hooks_left
 
 from tl_steer import AddVector, DataError
 from tl_steer.analysis.capability import (
@@ -27,13 +27,7 @@ GOOD = {
     "options": ["the world", "the bread", "the tea", "the room"],
     "answer": "the world",
 }
-ITEMS = [
-    MCItem("What is wide?", ("the world", "the bread", "the tea", "the room"), 0),
-    MCItem("How was the film?", ("awful", "wonderful", "cold", "dirty"), 1),
-    MCItem("What did I buy at the market?", ("fresh bread", "a film", "the weather", "a room"), 0),
-    MCItem("The staff were", ("cold", "dirty", "kind and friendly", "awful"), 2),
-    MCItem("hello", ("world", "market", "tea", "bread and a cup of tea"), 0),
-]
+ITEMS = [MCItem(*t) for t in MC_QUESTIONS]
 HOOK = "blocks.1.hook_resid_post"
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,7 @@ from test_split import HELD_OUT, PAIRS
 
 import tl_steer
 from tl_steer import AddVector
-from tl_steer.analysis.method_comparison import compare_interventions, compare_methods, trained_strength
+from tl_steer.analysis.method_comparison import compare_interventions, compare_methods
 from tl_steer.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,13 +26,15 @@ def test_table_matches_an_independent_pair_nll(tiny_any) -> None:
     hook = "blocks.1.hook_resid_post"
     gen = torch.Generator().manual_seed(0)
     a = AddVector(hook, torch.randn(32, generator=gen, dtype=torch.float64), method="a")
-    b = AddVector(hook, torch.randn(32, generator=gen, dtype=torch.float64), method="b", info={"m_typical": 3.0})
+    b = AddVector(hook, torch.randn(32, generator=gen, dtype=torch.float64), method="b", unit=3.0)
     result = compare_interventions(model, {"a": a, "b": b}, HELD_OUT, progress=False)
     table = result.table.set_index("condition")
-    assert table.loc["a", "m_trained"] == 1.0 and table.loc["b", "m_trained"] == 3.0
-    for name, iv in (("a", a), ("b", b)):
-        m = trained_strength(iv)
-        lp, ln = tl_steer.pair_nll(model, HELD_OUT, interventions=[iv], m=m)
+    assert table.loc["a", "unit"] == 1.0 and table.loc["b", "unit"] == 3.0
+    assert "m_trained" not in table and "r_low" not in table
+    for name, iv, raw in (("a", a, 1.0), ("b", b, 3.0)):
+        # Independently: the vector at raw strength 3 is b at m = 1.
+        unscaled = AddVector(hook, iv.vector)
+        lp, ln = tl_steer.pair_nll(model, HELD_OUT, interventions=[unscaled], m=raw)
         lp0, ln0 = tl_steer.pair_nll(model, HELD_OUT)
         pref, pref0 = float((ln - lp).double().mean()), float((ln0 - lp0).double().mean())
         assert table.loc[name, "pref_odds"] == pytest.approx(pref, abs=1e-5)
@@ -43,15 +43,16 @@ def test_table_matches_an_independent_pair_nll(tiny_any) -> None:
         util = float((util - torch.log(-torch.expm1(util))).mean())
         assert table.loc[name, "util_odds"] == pytest.approx(util, abs=1e-5)
         assert table.loc[name, "pref_odds_low"] <= table.loc[name, "pref_odds"] <= table.loc[name, "pref_odds_high"]
-    # the sweep for b ran on b's own scale: m in 3 * relative
-    ms = sorted(result.sweeps.table.query("label == 'b'")["m"].unique())
-    assert ms == pytest.approx([-3.0, -1.5, 0.0, 1.5, 3.0, 4.5, 6.0])
+    # every sweep ran over the same m: each intervention's m = 1 is its own strength
+    for label in ("a", "b"):
+        ms = sorted(result.sweeps.table.query(f"label == '{label}'")["m"].unique())
+        assert ms == pytest.approx([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0])
     assert no_hooks_left(model)
 
 
 def test_utility_range_follows_the_sweep(model) -> None:
     hook = "blocks.1.hook_resid_post"
-    small = AddVector(hook, 0.05 * torch.ones(32, dtype=torch.float64), method="small", info={"m_typical": 2.0})
+    small = AddVector(hook, 0.05 * torch.ones(32, dtype=torch.float64), method="small", unit=2.0)
     result = compare_interventions(model, {"small": small}, HELD_OUT, within=0.002, progress=False)
     row = result.table.iloc[0]
     summary = result.sweeps.summary().query("label == 'small'").set_index("m")["util_odds"]
@@ -61,8 +62,7 @@ def test_utility_range_follows_the_sweep(model) -> None:
         m for m in summary.index if all(summary.loc[k] >= floor for k in summary.index if min(0, m) <= k <= max(0, m))
     ]
     assert (row["m_low"], row["m_high"]) == (min(inside), max(inside))
-    assert row["m_high"] < 4.0, "on this model utility falls by more than 0.002 before 2 x m trained"
-    assert row["r_high"] == pytest.approx(row["m_high"] / 2.0)
+    assert row["m_high"] < 2.0, "on this model utility falls by more than 0.002 before m = 2"
     text = result.to_markdown()
     assert "| small | 2 |" in text and "within 0.002" in text
 
@@ -76,13 +76,13 @@ def test_compare_methods_trains_every_condition(model, tmp_path) -> None:
         forms=("vector", "lora"),
         train_kwargs={"epochs": 1, "batch_size": 4},
         split_kwargs={"theta": 1.0},
-        relative=(0.0, 1.0),
+        ms=(0.0, 1.0),
         progress=False,
     )
     assert list(result.table["condition"]) == ["diffmean", "sft/vector", "split/vector", "sft/lora", "split/lora"]
     assert list(result.table["method"]) == ["diffmean", "sft", "split", "sft", "split"]
     assert np.isfinite(result.table["train_s"]).all()
-    assert result.table.set_index("condition").loc["split/vector", "m_trained"] == 11.0
+    assert result.table.set_index("condition").loc["split/vector", "unit"] == 11.0
     fig_path = tmp_path / "comparison.png"
     result.plot(fig_path)
     assert fig_path.stat().st_size > 10_000
@@ -107,10 +107,10 @@ def test_compare_methods_bad_input(model, kwargs, message) -> None:
 def test_compare_interventions_bad_input(model) -> None:
     iv = AddVector("blocks.1.hook_resid_post", torch.ones(32, dtype=torch.float64))
     with pytest.raises(ConfigError, match="must include 0 and 1"):
-        compare_interventions(model, {"a": iv}, HELD_OUT, relative=(0.0, 2.0))
+        compare_interventions(model, {"a": iv}, HELD_OUT, ms=(0.0, 2.0))
     with pytest.raises(ConfigError, match="no interventions"):
         compare_interventions(model, {}, HELD_OUT)
-    neg = AddVector("blocks.1.hook_resid_post", torch.ones(32, dtype=torch.float64), info={"m_typical": -1.0})
-    with pytest.raises(ConfigError, match="trained strength must be positive"):
-        compare_interventions(model, {"a": neg}, HELD_OUT)
-    assert not math.isnan(trained_strength(iv))
+    # The old spelling still works, with a deprecation warning.
+    with pytest.warns(DeprecationWarning, match="relative="):
+        old = compare_interventions(model, {"a": iv}, HELD_OUT, relative=(0.0, 1.0), progress=False)
+    assert sorted(old.sweeps.table["m"].unique()) == [0.0, 1.0]

@@ -101,7 +101,8 @@ def test_bad_grids_and_non_finite_nll(tiny):
         preference_utility(tiny, iv, PAIRS, [0.0, float("nan")], progress=False)
     with pytest.warns(UserWarning, match="no m = 0"):
         preference_utility(tiny, iv, PAIRS, [1.0, 2.0], progress=False)
-    with pytest.raises(tl_steer.DataError, match="pair 0"):
+    # A strength that overflows the activations is refused at the first steered pass, naming m and the hook.
+    with pytest.raises(tl_steer.ConfigError, match=r"m=1e\+308 is too large at 'blocks"):
         preference_utility(tiny, iv, PAIRS, [0.0, 1e308], progress=False)
     with pytest.raises(tl_steer.DataError, match="empty"):
         preference_utility(tiny, iv, [], MS, progress=False)

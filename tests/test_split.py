@@ -1,4 +1,4 @@
-"""LoRA / LocalWeight interventions and the SPLIT / SFT trainer (methods.md sections 1 and 3)."""
+"""LoRA / LocalWeight interventions and the SPLIT / SFT trainer (docs/methods.md, sections 1 and 5)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from conftest import make_model, no_hooks_left
 import tl_steer
 from tl_steer import AddVector, ContrastivePair, DataError, steer
 from tl_steer.errors import ConfigError, ShapeError, TlSteerError
-from tl_steer.methods.split import FORMS, sft, split
+from tl_steer.methods.split import DEFAULTS, FORMS, sft, split
 from tl_steer.module_delta import LocalWeight, LoRA
 
 # tl_steer.methods re-exports the function `split`, which shadows the submodule as an attribute.
@@ -221,7 +221,7 @@ def test_row_strength_hooks_equal_one_strength_per_row(tiny):
     tokens = model.to_tokens(["hello world, the weather", "the film was wonderful"], padding_side="right")
     ms = torch.tensor([0.7, -1.9], dtype=model.cfg.dtype)
     with tl_steer.prompt_boundary(2):
-        batched = logits_with(model, tokens, iv.row_hooks(ms, n_layers=model.cfg.n_layers))
+        batched = logits_with(model, tokens, iv.row_hooks(ms, model=model))
         for row in range(2):
             alone = logits_with(model, tokens[row : row + 1], iv.hooks(float(ms[row])))
             torch.testing.assert_close(batched[row], alone[0], rtol=0, atol=1e-10)
@@ -259,9 +259,24 @@ def test_split_pushes_held_out_preference_up(tiny_any, trained, form):
     tiny = tiny_any
     iv, _ = trained[0][form]
     assert iv.method == "split" and iv.info["form"] == form
-    m = iv.info["m_typical"]
-    assert pref(tiny, HELD_OUT, iv, m) > pref(tiny, HELD_OUT) + 0.05
-    assert pref(tiny, PAIRS, iv, m) > pref(tiny, PAIRS) + 0.2
+    # m = 1 is the strength it was trained for: the median of the training grid (11 or 1.1 raw).
+    assert iv.unit == {"vector": 11.0, "lora": 1.1, "local_weight": 1.1}[form]
+    assert "m_typical" not in iv.info and iv.info["m_grid"] == list(DEFAULTS[form]["m_grid"])
+    assert pref(tiny, HELD_OUT, iv, 1.0) > pref(tiny, HELD_OUT) + 0.05
+    assert pref(tiny, PAIRS, iv, 1.0) > pref(tiny, PAIRS) + 0.2
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_m_1_is_the_median_raw_strength_of_the_grid(tiny_any, trained, form):
+    """m = 1 moves PrefOdds exactly as the raw median strength (0.1.0's m = m_typical) did, and m = r as
+    r times it; the raw strength 1 (0.1.0's m = 1) is a different, weaker point."""
+    iv, _ = trained[0][form]
+    raw = iv.with_unit(1.0)
+    assert pref(tiny_any, HELD_OUT, iv, 1.0) == pytest.approx(pref(tiny_any, HELD_OUT, raw, iv.unit), abs=1e-6)
+    assert pref(tiny_any, HELD_OUT, iv, -0.5) == pytest.approx(pref(tiny_any, HELD_OUT, raw, -0.5 * iv.unit), abs=1e-6)
+    if form == "vector":  # raw 1 is a tenth of the median 11: far weaker (LoRA's 1 is close to its 1.1)
+        clean = pref(tiny_any, PAIRS)
+        assert pref(tiny_any, PAIRS, iv, 1.0) - clean > 2 * (pref(tiny_any, PAIRS, raw, 1.0) - clean)
 
 
 def test_the_model_is_frozen_and_unchanged(tiny_any, trained):
@@ -295,7 +310,8 @@ def test_logged_loss_equals_an_independent_evaluation(tiny_any):
     kw = dict(batch_size=len(PAIRS), m_grid=[1.5], progress=False)
     one, _ = split(tiny, PAIRS, LAYER, "lora", epochs=1, **kw)
     _, history = split(tiny, PAIRS, LAYER, "lora", epochs=2, **kw)
-    lp, ln = tl_steer.pair_nll(tiny, PAIRS, interventions=[one], m=1.5)
+    assert one.unit == 1.5  # the grid's one strength is m = 1
+    lp, ln = tl_steer.pair_nll(tiny, PAIRS, interventions=[one], m=1.0)
     assert history.loc[1, "L_p"] == pytest.approx(float(lp.mean()), abs=1e-5)
     assert history.loc[1, "L_n"] == pytest.approx(float(ln.mean()), abs=1e-5)
     # Step 1 is the clean model: B starts at zero.
@@ -325,20 +341,20 @@ def test_sft_is_split_with_only_the_positive_term(tiny):
 def test_add_subtract_steers_both_ways(tiny):
     iv, history = split(tiny, PAIRS, LAYER, "vector", epochs=3, batch_size=8, add_subtract=True, progress=False)
     assert len(history) == 3 * 2  # 16 examples (8 pairs at +m and at -m), 8 per step
-    m = iv.info["m_typical"]
-    assert pref(tiny, PAIRS, iv, -m) < pref(tiny, PAIRS) < pref(tiny, PAIRS, iv, m)
+    assert pref(tiny, PAIRS, iv, -1.0) < pref(tiny, PAIRS) < pref(tiny, PAIRS, iv, 1.0)
 
 
 def test_early_stopping(tiny):
     # lr so small that the epoch loss cannot improve by more than noise: stops after `patience` epochs
+    # theta 0.5 keeps the loss near 13, where its float32 rounding noise stays below the 1e-6 improvement step.
     iv, history = split(tiny, PAIRS, LAYER, "vector", epochs=10, batch_size=8, lr=1e-12, m_grid=[1.0],
-                        early_stop_patience=2, progress=False)  # fmt: skip
+                        early_stop_patience=2, progress=False, theta=0.5)  # fmt: skip
     assert iv.info["epochs_run"] == 3 and history["epoch"].max() == 2
 
 
 def test_hooks_removed_and_flags_restored_when_training_fails(tiny, monkeypatch):
     flags = [p.requires_grad for p in tiny.parameters()]
-    original = split_module._Prefix.logits
+    original = split_module.PrefixCache.logits
     calls = []
 
     def failing(self, *args, **kw):
@@ -347,7 +363,7 @@ def test_hooks_removed_and_flags_restored_when_training_fails(tiny, monkeypatch)
         assert not no_hooks_left(tiny)  # the training hooks are on while the forward pass runs
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(split_module._Prefix, "logits", failing)
+    monkeypatch.setattr(split_module.PrefixCache, "logits", failing)
     with pytest.raises(RuntimeError, match="boom"):
         split(tiny, PAIRS, LAYER, "lora", epochs=1, batch_size=4, progress=False)
     assert calls and no_hooks_left(tiny)
@@ -400,6 +416,6 @@ def test_split_vector_on_the_default_model_raises_held_out_preference(default_mo
     test = tl_steer.load_pairs("sentiment", "test")[:16]
     iv, history = split(default_model, train, 15, "vector", epochs=1, batch_size=8, progress=False)
     assert len(history) == 2
-    m = iv.info["m_typical"]
-    assert pref(default_model, test, iv, m) > pref(default_model, test) + 0.2  # measured 0.49 -> 0.88
+    assert iv.unit == 11.0
+    assert pref(default_model, test, iv, 1.0) > pref(default_model, test) + 0.2  # measured 0.49 -> 0.88
     assert no_hooks_left(default_model)

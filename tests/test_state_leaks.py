@@ -172,10 +172,10 @@ CALLS: dict[str, Callable[[HookedTransformer, dict[str, Any]], Any]] = {
     "split lora": lambda m, p: tl_steer.split(m, PAIRS, 1, "lora", **TRAIN),
     "sft local_weight": lambda m, p: tl_steer.sft(m, PAIRS, 1, "local_weight", **TRAIN),
     "cold_kernel": lambda m, p: tl_steer.cold_kernel(m, PAIRS, HOOK, batch_size=2),
-    "cold_fd": lambda m, p: tl_steer.cold_fd(m, PAIRS, HOOK, batch_size=2, eps=1e-4),
-    "cold_fd jvp": lambda m, p: tl_steer.cold_fd(m, PAIRS, HOOK, method="jvp", batch_size=2),
+    "cold_fd": lambda m, p: tl_steer.cold_fd(m, PAIRS, HOOK, batch_size=2, fd_method="fd", eps=1e-4),
+    "cold_fd jvp": lambda m, p: tl_steer.cold_fd(m, PAIRS, HOOK, fd_method="jvp", batch_size=2),
     "cold_fd apply": lambda m, p: tl_steer.pair_nll(
-        m, PAIRS[:2], interventions=[tl_steer.cold_fd(m, PAIRS[:2], HOOK, eps=1e-4)], m=1.0
+        m, PAIRS[:2], interventions=[tl_steer.cold_fd(m, PAIRS[:2], HOOK, fd_method="fd", eps=1e-4)], m=1.0
     ),
     "sae_feature max_act": lambda m, p: tl_steer.sae_feature(
         p["sae"], 3, "add", 2.0, scale="max_act", model=m, reference_texts=TEXTS
@@ -187,7 +187,7 @@ CALLS: dict[str, Callable[[HookedTransformer, dict[str, Any]], Any]] = {
         m, [Condition("vec", p["vector"])], PAIRS, MC, ms=(0, 1), progress=False
     ),
     "compare_interventions": lambda m, p: tl_steer.compare_interventions(
-        m, {"vec": p["vector"], "lora": p["lora"]}, PAIRS, relative=(0, 1), progress=False
+        m, {"vec": p["vector"], "lora": p["lora"]}, PAIRS, ms=(0, 1), progress=False
     ),
     "compare_methods": lambda m, p: tl_steer.compare_methods(
         m,
@@ -197,7 +197,7 @@ CALLS: dict[str, Callable[[HookedTransformer, dict[str, Any]], Any]] = {
         forms=("vector",),
         objectives=("split",),
         train_kwargs=TRAIN,
-        relative=(0, 1),
+        ms=(0, 1),
         progress=False,
     ),
     "probe fit": lambda m, p: tl_steer.ManifoldProbe.fit(m, TEXTS, [HOOK, "blocks.0.hook_resid_post"], progress=False),
@@ -260,7 +260,7 @@ def test_bad_input_leaves_no_state(model: HookedTransformer, parts: dict[str, An
         lambda: tl_steer.diffmean(model, PAIRS, "blocks.9.hook_resid_post"),
         lambda: tl_steer.split(model, PAIRS, 1, "vector", epochs=0, progress=False),
         lambda: tl_steer.pair_nll(model, PAIRS, interventions=[parts["vector"]], batch_size=0),
-        lambda: tl_steer.cold_fd(model, PAIRS, HOOK, eps=0.0),
+        lambda: tl_steer.cold_fd(model, PAIRS, HOOK, fd_method="fd", eps=0.0),
         lambda: tl_steer.mc_accuracy(model, MC, interventions=[parts["vector"], "oops"]),  # type: ignore[list-item]
     ]
     for i, call in enumerate(bad):

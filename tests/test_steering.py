@@ -256,3 +256,112 @@ def test_prompt_policy_under_cache_equals_full_recompute(tiny):
     add_prompt = [(HOOK, lambda a, hook: torch.cat([a[:, :n_prompt] + v, a[:, n_prompt:]], dim=1))]
     expected = logits_with(model, out[:, :-1], add_prompt).argmax(-1)[0, n_prompt - 1 :]
     assert torch.equal(out[0, n_prompt:], expected)
+
+
+# ----- the contract every kind follows: unit, hooks(m, *, model), declared capabilities ------------------
+class _Tanh(tl_steer.Intervention):
+    """A kind whose change is not linear in its strength: h <- h + tanh(raw) * v (a test double)."""
+
+    kind = "test_tanh"
+
+    def __init__(self, hook, v, **common):
+        super().__init__(**common)
+        self.hook, self.v = hook, v
+
+    @property
+    def hook_names(self):
+        return (self.hook,)
+
+    def _edits(self, model):
+        return [(self.hook, lambda act, hook, raw: torch.tanh(torch.as_tensor(raw)) * self.v)]
+
+    def widths(self):
+        return {self.hook: int(self.v.shape[0])}
+
+    def tensors(self):
+        return {"v": self.v}
+
+    def config(self):
+        return {"hook": self.hook}
+
+    @classmethod
+    def from_saved(cls, config, tensors, common):
+        return cls(config["hook"], tensors["v"], **common)
+
+
+class _NeedsModel(_Tanh):
+    """Adds raw * (the model's first embedding row): its edit reads the model it steers."""
+
+    kind = "test_needs_model"
+    linear_in_m = True
+    needs_model = True
+
+    def _edits(self, model):
+        assert model is not None
+        row = model.W_E[0].detach()
+        return [(self.hook, lambda act, hook, raw: raw * row)]
+
+
+def test_unit_scales_the_edit_and_m_1_is_the_unit(tiny):
+    model = tiny
+    tokens = model.to_tokens(TEXT)
+    v = vector(model)
+    with steer(model, AddVector(HOOK, v, unit=4.0), m=0.5):
+        got = logits(model, tokens)
+    expected = logits_with(model, tokens, [(HOOK, lambda a, hook: a + 2.0 * v)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    iv = AddVector(HOOK, v, unit=4.0)
+    assert iv.raw_strength(0.5) == 2.0 and iv.hooks(0.0) == []
+    twin = iv.with_unit(1.0)
+    assert twin.vector is iv.vector and iv.unit == 4.0
+    torch.testing.assert_close(logits_with(model, tokens, twin.hooks(2.0)), expected, rtol=0, atol=1e-12)
+    assert "unit=4" in repr(iv)
+
+
+@pytest.mark.parametrize("unit", [0.0, -1.0, float("nan"), float("inf"), "2", True, None])
+def test_bad_unit_is_refused(unit):
+    with pytest.raises(tl_steer.ConfigError, match="unit"):
+        AddVector(HOOK, torch.ones(4), unit=unit)
+    with pytest.raises(tl_steer.ConfigError, match="unit"):
+        AddVector(HOOK, torch.ones(4)).with_unit(unit)
+
+
+def test_row_hooks_refuse_a_kind_not_linear_in_m(tiny):
+    iv = _Tanh(HOOK, vector(tiny))
+    assert not iv.linear_in_m and AddVector.linear_in_m
+    with pytest.raises(tl_steer.ConfigError, match=r"_Tanh \(kind 'test_tanh'\) does not declare linear_in_m"):
+        iv.row_hooks(torch.tensor([1.0, 2.0]), model=tiny)
+    # hooks(m) still works for it, with the unit applied before the edit sees the strength.
+    tokens = tiny.to_tokens(TEXT)
+    v = iv.v
+    expected = logits_with(tiny, tokens, [(HOOK, lambda a, hook: a + torch.tanh(torch.tensor(0.6)) * v)])
+    torch.testing.assert_close(logits_with(tiny, tokens, iv.with_unit(0.3).hooks(2.0)), expected)
+
+
+def test_row_hooks_apply_the_unit(tiny):
+    tokens = tiny.to_tokens([TEXT, TEXT])
+    iv = AddVector(HOOK, vector(tiny), unit=3.0)
+    batched = logits_with(tiny, tokens, iv.row_hooks(torch.tensor([1.0, -0.5]), model=tiny))
+    torch.testing.assert_close(batched[0], logits_with(tiny, tokens[:1], iv.hooks(1.0))[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(batched[1], logits_with(tiny, tokens[:1], iv.hooks(-0.5))[0], rtol=0, atol=1e-10)
+
+
+def test_a_kind_that_needs_the_model_gets_it_or_a_clear_error(tiny):
+    iv = _NeedsModel(HOOK, vector(tiny))
+    with pytest.raises(tl_steer.ConfigError, match=r"needs the model.*\.hooks\(m, model=model\)"):
+        iv.hooks(1.0)
+    assert iv.hooks(0.0) == []  # the clean model needs nothing
+    tokens = tiny.to_tokens(TEXT)
+    row = tiny.W_E[0].detach()
+    expected = logits_with(tiny, tokens, [(HOOK, lambda a, hook: a + 2.0 * row)])
+    torch.testing.assert_close(logits_with(tiny, tokens, iv.hooks(2.0, model=tiny)), expected, rtol=0, atol=1e-12)
+    with steer(tiny, iv, m=2.0, check=False):  # steer passes the model
+        torch.testing.assert_close(logits(tiny, tokens), expected, rtol=0, atol=1e-12)
+    assert no_hooks_left(tiny)
+
+
+def test_n_layers_is_a_deprecated_alias(tiny):
+    iv = AddVector("ln_final.hook_normalized", torch.ones(tiny.cfg.d_model), positions="prompt")
+    with pytest.warns(DeprecationWarning, match="n_layers"):
+        old = iv.hooks(1.0, n_layers=tiny.cfg.n_layers)
+    assert [name for name, _ in old] == [name for name, _ in iv.hooks(1.0, model=tiny)]

@@ -1,5 +1,7 @@
 """The ``tl-steer`` command.
 
+``tl-steer generate``: steered completions of prompts at several strengths, side by side.
+
 ``tl-steer sweep``: build a DiffMean vector for a built-in concept (or a pairs file) on the default
 model, sweep strengths on the held-out pairs, print the mean preference and utility log-odds per
 strength with 95% confidence intervals, fit the validity-decay model, and write a figure and CSV tables.
@@ -8,6 +10,7 @@ strength with 95% confidence intervals, fit the validity-decay model, and write 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tl_steer.errors import TlSteerError
+from tl_steer.errors import SaveError, TlSteerError
 
 
 def _floats(text: str) -> list[float]:
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", default="out", help="directory for the figure and CSV tables (default: out)")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
     _add_report(sub)
+    _add_generate(sub)
     return parser
 
 
@@ -87,18 +91,19 @@ def _layer(model: Any, layer: int | None) -> int:
 
 
 def _add_report(sub: Any) -> None:
-    from tl_steer.report.pipeline import METHODS
+    from tl_steer.report.pipeline import ADAPTIVE, METHODS
 
     report = sub.add_parser(
         "report",
         help="the whole comparison on one concept: every method, sweeps, manifold distance, capability gap",
         description=(
-            "Build interventions with every method (DiffMean, SFT and SPLIT in three forms, COLD-Kernel, COLD-FD, "
-            "an SAE feature, prompting) on the default model (or --model), sweep their strengths on held-out "
+            "Build interventions with every method (DiffMean, SFT and SPLIT in up to three forms, COLD-Kernel, "
+            "COLD-FD, an SAE feature, prompting) on the default model (or --model), sweep their strengths on held-out "
             "pairs (preference and utility log-odds), probe the distance from the clean activations, measure "
             "the capability-behaviour gap, and write report.html (figures embedded), the figures as PNG and the "
             "numbers as CSV and JSON to --out. Finished steps are cached in OUT/cache: rerun the same command "
-            "after an interruption to resume."
+            "after an interruption to resume. Sizes: the default takes about 10 minutes on 2 CPU cores (SFT and "
+            "SPLIT as vectors only); --full is the whole comparison (about an hour); --quick a smoke run."
         ),
     )
     _add_model_arguments(report)
@@ -106,21 +111,34 @@ def _add_report(sub: Any) -> None:
         "--methods",
         nargs="+",
         choices=METHODS,
-        default=list(METHODS),
+        default=None,  # None: the size's default; an explicit list is checked (prompting needs an instruction)
         metavar="METHOD",
-        help=f"methods to include (default: all): {', '.join(METHODS)}",
+        help=(
+            f"methods to include: {', '.join(METHODS)} (default: all with --full; without the adaptive forms "
+            f"{', '.join(ADAPTIVE)} otherwise)"
+        ),
     )
     report.add_argument(
         "--forms",
         nargs="+",
         choices=["vector", "lora", "local_weight"],
         default=None,
-        help="SFT/SPLIT forms (default: all three; --quick: vector)",
+        help="SFT/SPLIT forms (default and --quick: vector; --full: all three)",
     )
     report.add_argument("--instruction", default=None, help="prompting baseline text (default: the concept's)")
     report.add_argument("--model", default=None, help="a local Hugging Face model folder (default: SmolLM2-135M)")
     report.add_argument("--sae", default=None, help="a local sae-lens SAE folder (default: the shipped one, layer 15)")
-    report.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    size = report.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="a smoke run: the smallest sizes, a few minutes on 2 CPU cores"
+    )
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="the full comparison: 100 training and 40 test pairs, 2 epochs, all three SFT/SPLIT forms, all 265 "
+        "questions (about an hour on 2 CPU cores; default: 64 and 24 pairs, 1 epoch, vector forms, 64 questions, "
+        "about 10 minutes)",
+    )
     report.add_argument("--fresh", action="store_true", help="discard cached results in --out first")
     report.add_argument("--out", default="report", help="output directory (default: report)")
 
@@ -132,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "generate":
+            return _generate(args)
     except KeyboardInterrupt:
         out = getattr(args, "out", "the output directory")
         print(
@@ -186,6 +206,7 @@ def _sweep(args: argparse.Namespace) -> int:
         print(fit_note)
     except (ValueError, RuntimeError) as exc:
         print(f"decay-model fit skipped: {exc}")
+    _make_out(out)
     result.to_csv(out / "preference_utility.csv")
     result.to_csv(out / "preference_utility_summary.csv", summary=True)
     result.plot(out / "preference_utility.png", fit=bool(fit_note), title=f"DiffMean on '{name}', {hook}")
@@ -212,12 +233,17 @@ def _report(args: argparse.Namespace) -> int:
     else:
         train, test, name = load_pairs(args.concept, "train"), load_pairs(args.concept, "test"), args.concept
         instruction = args.instruction or CONCEPT_INSTRUCTIONS.get(args.concept)
+    if args.methods is not None and "prompting" in args.methods and not instruction:
+        raise TlSteerError(
+            "--methods prompting needs the instruction the prompting baseline puts before each prompt, and "
+            f"{args.pairs} brings none: pass --instruction 'TEXT' (the built-in concepts have their own)"
+        )
     model = with_dtype(_load_model(args.model), args.dtype)
     layer = _layer(model, args.layer)
-    forms = tuple(args.forms or (("vector",) if args.quick else ("vector", "lora", "local_weight")))
-    settings = ReportSettings.make(
-        name, layer, quick=args.quick, methods=tuple(args.methods), forms=forms, instruction=instruction
-    )
+    size = "quick" if args.quick else "full" if args.full else "standard"
+    forms = tuple(args.forms or (("vector", "lora", "local_weight") if args.full else ("vector",)))
+    chosen: dict[str, Any] = {"methods": tuple(args.methods)} if args.methods else {}
+    settings = ReportSettings.make(name, layer, size=size, forms=forms, instruction=instruction, **chosen)
     if "prompting" in settings.methods and not instruction:
         print("note: no --instruction for these pairs, so the prompting baseline is left out")
     sae, note = _load_sae(args.sae, f"blocks.{layer}.hook_resid_post", "sae" in settings.methods)
@@ -233,6 +259,112 @@ def _report(args: argparse.Namespace) -> int:
     result = run_report(model, data, settings, out, fresh=args.fresh)
     print(f"wrote {out / 'report.html'} and {len(result.files) - 1} other files in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _add_generate(sub: Any) -> None:
+    gen = sub.add_parser(
+        "generate",
+        help="steered text: the completions of prompts at several strengths m, side by side",
+        description=(
+            "Generate completions of PROMPT (default: the concept's first 3 held-out open prompts) on the default "
+            "model, steered by a DiffMean vector of --concept/--pairs at blocks.L.hook_resid_post (or by a saved "
+            "intervention, --load FILE) at each strength m, and print them side by side per prompt. Greedy unless "
+            "--sample. With --judge, also score every text with the clean model: the concept probe's P(concept), "
+            "the NLL per token and the repetition."
+        ),
+    )
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="text(s) to continue")
+    _add_model_arguments(gen)
+    gen.add_argument("--load", default=None, metavar="FILE", help="a saved intervention (.safetensors) instead")
+    gen.add_argument("-m", "--ms", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="strengths (default: 0 1 2)")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens per completion (default: 32)")
+    gen.add_argument("--instruction", default=None, help="also generate with this instruction before each prompt")
+    gen.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy decoding")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    gen.add_argument("--judge", action="store_true", help="score the texts (concept probe, fluency)")
+    gen.add_argument("--width", type=int, default=100, help="characters shown per completion (default: 100)")
+    gen.add_argument("--csv", default=None, metavar="FILE", help="also write every text (and score) to FILE")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tl_steer.analysis.gap import Condition
+    from tl_steer.data import load_pairs, read_pairs
+    from tl_steer.data.prompts import load_prompts, prompt_sets
+    from tl_steer.generation import check_prompts, generate, side_by_side
+    from tl_steer.interventions import check_grid
+    from tl_steer.io import load
+    from tl_steer.methods import diffmean
+    from tl_steer.models import load_default_model
+    from tl_steer.scoring import check_positive_int
+
+    # Everything that can be checked without the model is checked before it loads.
+    check_grid(args.ms, name="-m")
+    check_positive_int("--max-new-tokens", args.max_new_tokens)
+    if args.prompts:
+        prompts = check_prompts(args.prompts)
+    elif args.pairs or args.concept not in prompt_sets():
+        known = ", ".join(prompt_sets())
+        raise TlSteerError(f"give the PROMPT(s) to continue (built-in prompts exist for: {known})")
+    else:
+        prompts = load_prompts(args.concept, "test")[:3]
+    if args.load and not Path(args.load).is_file():
+        raise FileNotFoundError(f"no such intervention file: {args.load}")
+    train = None
+    if not args.load:
+        train = read_pairs(args.pairs) if args.pairs else load_pairs(args.concept, "train")
+    if args.judge and not args.pairs:
+        load_pairs(args.concept, "test")  # the probe judge's concept must be a built-in one
+    if args.csv:
+        _check_writable(Path(args.csv).parent)
+
+    model = with_dtype(load_default_model(), args.dtype)
+    if args.load:
+        iv = load(args.load, model)
+    else:
+        layer = _layer(model, args.layer)
+        assert train is not None
+        iv = diffmean(model, train, f"blocks.{layer}.hook_resid_post")
+    conditions: list[Any] = [iv]
+    if args.instruction:
+        conditions.append(Condition(f"{iv.method} + instruction", iv, args.instruction))
+    table = generate(
+        model,
+        conditions,
+        prompts,
+        args.ms,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        seed=args.seed,
+        chat=args.chat,
+    )
+    if args.judge:
+        table = _judge_cli(model, table, args)
+    print(f"{iv.method} at {', '.join(iv.hook_names)}, strengths {', '.join(f'{m:g}' for m in args.ms)}")
+    print(side_by_side(table, width=args.width))
+    if args.judge:
+        cols = [c for c in ("concept", "nll", "rep4") if c in table.columns]
+        print()
+        print(table.groupby(["condition", "m"], sort=False)[cols].mean().to_string(float_format=lambda x: f"{x:.3f}"))
+    if args.csv:
+        _make_out(Path(args.csv).parent)  # checked above, made only now that there is something to write
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def _judge_cli(model: Any, table: Any, args: argparse.Namespace) -> Any:
+    from tl_steer.data import load_pairs
+    from tl_steer.judges import FluencyJudge, ProbeJudge, judge_table
+
+    judges: list[Any] = [FluencyJudge(chat=args.chat)]
+    if not args.pairs:  # a probe judge for a built-in concept (a pairs file has no held-out split to test it)
+        probe = ProbeJudge.fit(
+            model, load_pairs(args.concept, "train"), load_pairs(args.concept, "test"), concept=args.concept
+        )
+        print(repr(probe))
+        judges.insert(0, probe)
+    return judge_table(model, table, judges)
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -283,13 +415,24 @@ def _load_sae(path: str | None, hook: str, wanted: bool) -> tuple[Any, str]:
 
 
 def _check_writable(out: Path) -> None:
+    """Refuse an output directory that cannot be made or written, without making it: a call that fails a
+    later check leaves no empty directory behind (the directory is made when the first result is written)."""
+    if out.exists() and not out.is_dir():
+        raise TlSteerError(f"cannot write to the output directory {out}: it is a file")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TlSteerError(f"cannot write to the output directory {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TlSteerError(f"cannot write to the output directory {out}: permission denied on {existing}")
+
+
+def _make_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tl_steer_write_test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as exc:
-        raise TlSteerError(f"cannot write to the output directory {out}: {exc.strerror or exc}") from exc
+        raise SaveError(f"could not create the output directory {out}: {exc.strerror or exc}") from exc
 
 
 if __name__ == "__main__":

@@ -8,14 +8,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tl_steer.errors import MissingDependencyError
+from tl_steer.atomic import write_text
+from tl_steer.digests import file_digest
+from tl_steer.errors import FileFormatError, MissingDependencyError
 
 if TYPE_CHECKING:
     from sae_lens import SAE
 
 DEFAULT_SAE_HOOK = "blocks.15.hook_resid_post"
 _FOLDER = "smollm2-135m-res-15"
-_FILES = ("cfg.json", "sae_weights.safetensors")
+_WEIGHTS = "sae_weights.safetensors"
+# The blake2b digest of the weights, shipped next to them and checked on every load.
+_DIGEST = "sae_weights.safetensors.blake2b"
+_FILES = ("cfg.json", _WEIGHTS, _DIGEST)
 
 
 def default_sae_path() -> Path:
@@ -42,8 +47,11 @@ def load_default_sae(device: str | torch.device | None = None) -> SAE:
     Args:
         device: where to put the SAE (default ``"cpu"``).
 
+    The weights are checked against the blake2b digest shipped next to them before they are read.
+
     Raises:
         MissingDependencyError: sae-lens is not installed, or the shipped files are missing.
+        FileFormatError: the shipped weights differ from their digest (a damaged installation).
     """
     try:
         from sae_lens import SAE
@@ -58,8 +66,19 @@ def load_default_sae(device: str | torch.device | None = None) -> SAE:
             f"the default SAE's files {missing} are missing from {folder}; reinstall tl-steer, or rebuild them "
             "with scripts/build_sae_corpus.py and scripts/train_default_sae.py"
         )
+    if file_digest(folder / _WEIGHTS) != (folder / _DIGEST).read_text().strip():
+        raise FileFormatError(
+            f"{folder / _WEIGHTS} differs from the digest recorded when it was made ({_DIGEST}): the installed "
+            "file is damaged; reinstall tl-steer"
+        )
     with warnings.catch_warnings():
         # sae-lens warns that the SAE records load flags (no folding, no centering); they are exactly how
         # tl_steer.load_default_model() loads the model, so the advice in that warning is already followed.
         warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs")
         return SAE.load_from_disk(str(folder), device=str(device) if device is not None else "cpu")
+
+
+def write_weights_digest(folder: str | Path) -> Path:
+    """Record the blake2b digest of ``folder``'s SAE weights next to them (run after training a new one)."""
+    folder = Path(folder)
+    return write_text(folder / _DIGEST, file_digest(folder / _WEIGHTS) + "\n", what="the SAE's digest")

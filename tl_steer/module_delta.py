@@ -2,12 +2,13 @@
 
 Layer l's MLP ends with the down-projection ``mlp_out = a_mid @ W_out + b_out``, where ``a_mid`` is the
 activation at ``blocks.{l}.mlp.hook_post`` (width d_mlp). Under control the weight becomes
-``W_out + m * dW`` (and the bias ``b_out + m * db``), so the output changes by
+``W_out + r * dW`` (and the bias ``b_out + r * db``) at raw strength ``r = m * unit``, so the output
+changes by
 
-    LoRA:          d(mlp_out) = m * (a_mid @ A @ B)          A [d_mlp, r], B [r, d_model]
-    local weight:  d(mlp_out) = m * (a_mid @ dW + db)        dW [d_mlp, d_model], db [d_model]
+    LoRA:          d(mlp_out) = r * (a_mid @ A @ B)          A [d_mlp, r], B [r, d_model]
+    local weight:  d(mlp_out) = r * (a_mid @ dW + db)        dW [d_mlp, d_model], db [d_model]
 
-(methods.md section 1, written for row vectors as TransformerLens stores ``W_out`` [d_mlp, d_model]).
+(docs/methods.md, section 1, written for row vectors as TransformerLens stores ``W_out`` [d_mlp, d_model]).
 Both are ordinary :class:`~tl_steer.interventions.Intervention` s: the delta is added at
 ``blocks.{l}.hook_mlp_out`` at the positions of the position policy, ``m = 0`` installs no hook at all
 (the clean model, bit for bit), and they save and load with :func:`tl_steer.save` / :func:`tl_steer.load`.
@@ -38,20 +39,19 @@ from transformer_lens.hook_points import HookPoint
 
 from tl_steer.dtypes import master_dtype
 from tl_steer.errors import ConfigError, DataError, ShapeError
-from tl_steer.interventions import Edit, HookFn, Intervention
+from tl_steer.interventions import EditEntry, Intervention, ReadOnly
 from tl_steer.models import model_identity
-from tl_steer.positions import PositionsLike, PositionState
+from tl_steer.positions import PositionsLike
 
 
 class _Recorder:
-    """An edit that only records the activation it sees (its hook returns ``None``: nothing changes)."""
+    """Records the activation its :class:`ReadOnly` hook sees (the hook changes nothing)."""
 
     def __init__(self) -> None:
         self.value: Tensor | None = None
 
-    def __call__(self, activation: Tensor, hook: HookPoint, m: float) -> Tensor:
+    def record(self, activation: Tensor, hook: HookPoint) -> None:
         self.value = activation
-        return torch.zeros((), dtype=activation.dtype, device=activation.device)
 
     def take(self, where: str) -> Tensor:
         value, self.value = self.value, None  # release the activation once used
@@ -81,10 +81,13 @@ def _check_tensor(name: str, value: object, ndim: int) -> Tensor:
 
 
 class ModuleDelta(Intervention):
-    """Base class of the interventions that add ``m * f(a_mid)`` at the output of layer l's MLP.
+    """Base class of the interventions that add ``m * unit * f(a_mid)`` at the output of layer l's MLP.
 
     Subclasses define :meth:`delta` (the unscaled change, from the recorded ``a_mid``) and the tensors.
+    ``unit`` is 1 for one built by hand; SFT / SPLIT set it to the median of their training grid.
     """
+
+    linear_in_m = True
 
     def __init__(
         self,
@@ -94,8 +97,9 @@ class ModuleDelta(Intervention):
         method: str | None = None,
         info: dict[str, Any] | None = None,
         model_identity: dict[str, Any] | None = None,
+        unit: float = 1.0,
     ) -> None:
-        super().__init__(positions=positions, method=method, info=info, model_identity=model_identity)
+        super().__init__(positions=positions, method=method, info=info, model_identity=model_identity, unit=unit)
         self.layer = _check_layer(layer)
 
     @property
@@ -130,24 +134,15 @@ class ModuleDelta(Intervention):
         """The learnable tensors (the same objects the intervention uses, so a trainer can update them)."""
         return list(self.tensors().values())
 
-    def _edits(self) -> list[tuple[str, Edit]]:
+    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
         recorder = _Recorder()
         where = f"{type(self).__name__} at layer {self.layer}"
 
-        def add(activation: Tensor, hook: HookPoint, m: float) -> Tensor:
-            # m may also be a tensor that broadcasts against the activation (a strength per row).
-            return m * self.delta(recorder.take(where))
+        def add(activation: Tensor, hook: HookPoint, raw: float) -> Tensor:
+            # raw may also be a tensor that broadcasts against the activation (a strength per row).
+            return raw * self.delta(recorder.take(where))
 
-        return [(self.read_hook, recorder), (self.write_hook, add)]
-
-    def _hook_fn(self, edit: Edit, m: float, state: PositionState) -> HookFn:
-        if isinstance(edit, _Recorder):
-
-            def record(activation: Tensor, hook: HookPoint) -> None:
-                edit.value = activation
-
-            return record
-        return super()._hook_fn(edit, m, state)
+        return [(self.read_hook, ReadOnly(recorder.record)), (self.write_hook, add)]
 
     def widths(self) -> dict[str, int]:
         return {self.read_hook: self.d_mlp, self.write_hook: self.d_model}
@@ -158,7 +153,7 @@ class ModuleDelta(Intervention):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(method={self.method!r}, layer={self.layer}, "
-            f"positions={self.positions.kind!r}, {self._shape_text()})"
+            f"positions={self.positions.kind!r}, unit={self.unit:g}, {self._shape_text()})"
         )
 
     def _shape_text(self) -> str:
@@ -166,7 +161,7 @@ class ModuleDelta(Intervention):
 
 
 class LoRA(ModuleDelta):
-    """A rank-r update of layer l's MLP down-projection: adds ``m * (a_mid @ A @ B)`` at ``hook_mlp_out``.
+    """A rank-r update of layer l's MLP down-projection: adds ``m * unit * (a_mid @ A @ B)`` at ``hook_mlp_out``.
 
     Args:
         layer: the block whose MLP is changed.
@@ -185,8 +180,9 @@ class LoRA(ModuleDelta):
         method: str | None = None,
         info: dict[str, Any] | None = None,
         model_identity: dict[str, Any] | None = None,
+        unit: float = 1.0,
     ) -> None:
-        super().__init__(layer, positions=positions, method=method, info=info, model_identity=model_identity)
+        super().__init__(layer, positions=positions, method=method, info=info, model_identity=model_identity, unit=unit)
         self.A = _check_tensor("LoRA A", A, 2)
         self.B = _check_tensor("LoRA B", B, 2)
         if self.A.shape[1] != self.B.shape[0]:
@@ -254,7 +250,7 @@ class LoRA(ModuleDelta):
 
 
 class LocalWeight(ModuleDelta):
-    """A full update of layer l's MLP down-projection: adds ``m * (a_mid @ dW + db)`` at ``hook_mlp_out``.
+    """A full update of layer l's MLP down-projection: adds ``m * unit * (a_mid @ dW + db)`` at ``hook_mlp_out``.
 
     Args:
         layer: the block whose MLP is changed.
@@ -273,8 +269,9 @@ class LocalWeight(ModuleDelta):
         method: str | None = None,
         info: dict[str, Any] | None = None,
         model_identity: dict[str, Any] | None = None,
+        unit: float = 1.0,
     ) -> None:
-        super().__init__(layer, positions=positions, method=method, info=info, model_identity=model_identity)
+        super().__init__(layer, positions=positions, method=method, info=info, model_identity=model_identity, unit=unit)
         self.dW = _check_tensor("LocalWeight dW", dW, 2)
         self.db = (
             torch.zeros(self.dW.shape[1], dtype=self.dW.dtype, device=self.dW.device)

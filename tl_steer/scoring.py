@@ -1,7 +1,7 @@
 """Teacher-forced scoring of completions: NLL with the prompt masked, batched with padding.
 
 For a prompt q and completion A = (a_1 .. a_T) the NLL is ``-sum_t log P(a_t | q, a_<t)`` (``"sum"``)
-or that divided by T (``"mean"``, the default: length-normalised, methods.md section 2).
+or that divided by T (``"mean"``, the default: length-normalised, docs/methods.md, section 2).
 
 The prompt/completion boundary is found on token ids: the full text ``prompt + completion`` is
 tokenized once, and the completion starts at the first token where it differs from the tokenization of
@@ -40,6 +40,16 @@ class Tokenized:
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def batch(
+        self, idx: Sequence[int], pad_id: int, device: torch.device | str
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"], Int[Tensor, " batch"]]:
+        """(tokens, starts, lengths) of the items ``idx``: their sequences right-padded with ``pad_id`` on
+        ``device`` (:func:`pad_right`), each completion's first token index and each sequence's length."""
+        tokens = pad_right([self.sequences[i] for i in idx], pad_id, device)
+        starts = torch.as_tensor([self.starts[i] for i in idx], device=tokens.device)
+        lens = torch.as_tensor([len(self.sequences[i]) for i in idx], device=tokens.device)
+        return tokens, starts, lens
 
 
 def format_prompt(model: HookedTransformer, prompt: str, chat: bool) -> str:
@@ -207,9 +217,7 @@ def score_tokenized(
     out = torch.empty(len(data), dtype=torch.float32)
     lengths = [len(s) for s in data.sequences]
     for idx in batches(lengths, batch_size, max_batch_tokens(model)):
-        tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device or "cpu")
-        starts = torch.as_tensor([data.starts[i] for i in idx], device=tokens.device)
-        lens = torch.as_tensor([lengths[i] for i in idx], device=tokens.device)
+        tokens, starts, lens = data.batch(idx, pad, model.cfg.device or "cpu")
         with prompt_boundary(starts):
             logits = run(tokens)
         out[idx] = nll_from_logits(logits, tokens, starts, lens, reduction).detach().float().cpu()

@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_steer import sae_splicing
 from tl_steer.errors import ConfigError, DataError
 from tl_steer.interventions import HookFn, Intervention, check_strength
 from tl_steer.positions import prompt_boundary
@@ -49,7 +50,7 @@ def build_hooks(
             iv.check(model)
     hooks: list[tuple[str, HookFn]] = []
     for iv, mi in zip(interventions, ms, strict=True):
-        hooks.extend(iv.hooks(mi, n_layers=model.cfg.n_layers))
+        hooks.extend(iv.hooks(mi, model=model))
     return hooks
 
 
@@ -59,6 +60,7 @@ def steer(
     *interventions: Intervention,
     m: float | Sequence[float] = 1.0,
     check: bool = True,
+    sae_site: str = "before",
 ) -> Iterator[HookedTransformer]:
     """Steer ``model`` with one or more interventions at strength ``m`` inside a ``with`` block.
 
@@ -67,6 +69,9 @@ def steer(
         *interventions: the interventions; they compose (applied in the order given).
         m: one strength for all, or one per intervention. ``m = 0`` is the clean model.
         check: validate hook names, widths and model identity first (default True).
+        sae_site: on a sae-lens ``HookedSAETransformer``, where an edit at a hook name that has an SAE
+            spliced in (now or later in the block) goes: "before" the SAE (default: the SAE encodes the
+            steered activation) or "after" it (added to the SAE's output). See ``tl_steer.sae_splicing``.
 
     Inside the block, ``model.generate`` declares its prompt as the prompt of the position policy, so
     "generated" steers only generated tokens, with or without the KV cache.
@@ -76,14 +81,20 @@ def steer(
         with tl_steer.steer(model, vector, m=4.0):
             print(model.generate("I think that", max_new_tokens=20))
     """
-    fwd_hooks = build_hooks(model, interventions, m, check=check)
+    site = sae_splicing.check_site(sae_site)
+    with sae_splicing.allow_spliced():  # a hook name occupied by an SAE is a valid target here
+        fwd_hooks = build_hooks(model, interventions, m, check=check)
     # Nested steer() blocks share the outer block's generate wrapper.
     patched = "generate" not in vars(model)
     if patched:
         model.generate = _generate_with_boundary(model, model.generate)  # type: ignore[method-assign]
     try:
-        with model.hooks(fwd_hooks=list(fwd_hooks)):  # type: ignore[arg-type]
-            yield model
+        if sae_splicing.is_sae_host(model):  # SAEs swap hook points out: follow them
+            with sae_splicing.steered_hooks(model, fwd_hooks, site):
+                yield model
+        else:
+            with model.hooks(fwd_hooks=list(fwd_hooks)):  # type: ignore[arg-type]
+                yield model
     finally:
         if patched:
             vars(model).pop("generate", None)

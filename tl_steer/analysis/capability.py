@@ -2,8 +2,8 @@
 
 Every option is scored as a completion of the question (teacher-forced, prompt masked; see
 :mod:`tl_steer.scoring`), and the model's choice is the option with the lowest NLL. Nothing is parsed from
-generated text, so a format failure under steering is never counted as knowledge lost (methods.md
-section 5). The prompt is::
+generated text, so a format failure under steering is never counted as knowledge lost (docs/methods.md,
+section 8). The prompt is::
 
     [instruction]\\n            (only with ``instruction``: the prompting baseline)
     Question: {question}
@@ -40,9 +40,13 @@ equal terms, and ``normalize="sum"`` is there for the other convention.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -51,8 +55,18 @@ from transformer_lens import HookedTransformer
 from tl_steer.analysis.stats import bootstrap_ci
 from tl_steer.data.mc import MCItem, check_mc_items
 from tl_steer.errors import ConfigError
-from tl_steer.interventions import InterventionsLike, as_intervention_list
-from tl_steer.scoring import completion_nll
+from tl_steer.hookpoints import HookSite
+from tl_steer.interventions import Intervention, InterventionsLike, as_intervention_list
+from tl_steer.positions import prompt_boundary
+from tl_steer.scoring import (
+    Tokenized,
+    completion_nll,
+    nll_from_logits,
+    pad_right,
+    pad_token_id,
+    tokenize_completions,
+)
+from tl_steer.steering import steer
 
 Normalize = Literal["mean", "sum"]
 
@@ -90,10 +104,18 @@ def mc_option_nll(
     chat: bool = False,
     batch_size: int = 16,
     normalize: Normalize = "mean",
+    shared_prefix: bool = True,
 ) -> Float[Tensor, "n n_options"]:
     """The NLL of every option of every item as a completion of the item's prompt (see the module
-    docstring), with ``interventions`` applied at strength ``m``; all options of all items go through in
-    padded batches of ``batch_size`` sequences.
+    docstring), with ``interventions`` applied at strength ``m``.
+
+    With ``shared_prefix`` (the default) each question runs once and its options run on top of its keys and
+    values (a KV cache), and the final norm and unembedding are computed only at the positions that predict a
+    scored option token (:func:`_shared_prefix_nll`); ``shared_prefix=False`` runs every question + option
+    as a full sequence, in padded batches of ``batch_size`` sequences (also used, whatever ``shared_prefix``,
+    for shortformer models, hooks after the last block and positions given as a boolean mask). Both give the
+    same NLL (to float rounding), steered or not: each token sees the same context at the same position, and
+    the named position policies pick the same tokens. With ``shared_prefix``, ``batch_size`` counts questions.
 
     Returns float32 of shape [n_items, n_options] where n_options is the largest number of options of
     an item; the places of missing options of items with fewer hold ``inf``. ``normalize="mean"``: NLL
@@ -113,16 +135,28 @@ def mc_option_nll(
         options = mc_completions(item)
         prompts.extend([prompt] * len(options))
         completions.extend(options)
-    flat = completion_nll(
-        model,
-        prompts,
-        completions,
-        interventions=ivs,
-        m=m,
-        reduction=normalize,
-        batch_size=batch_size,
-        chat=chat,
-    )
+    if shared_prefix and _can_share(model, ivs):
+        data = tokenize_completions(model, prompts, completions, chat=chat)
+        groups = []
+        at = 0
+        for item in items:
+            groups.append(list(range(at, at + len(item.options))))
+            at += len(item.options)
+        with ExitStack() as stack, torch.no_grad():
+            if ivs:
+                stack.enter_context(steer(model, *ivs, m=m))
+            flat = _shared_prefix_nll(model, data, groups, normalize, batch_size)
+    else:
+        flat = completion_nll(
+            model,
+            prompts,
+            completions,
+            interventions=ivs,
+            m=m,
+            reduction=normalize,
+            batch_size=batch_size,
+            chat=chat,
+        )
     width = max(len(item.options) for item in items)
     out = torch.full((len(items), width), float("inf"), dtype=torch.float32)
     at = 0
@@ -131,6 +165,130 @@ def mc_option_nll(
         out[row, :k] = flat[at : at + k]
         at += k
     return out
+
+
+def _can_share(model: HookedTransformer, ivs: list[Intervention]) -> bool:
+    """Whether the KV-cache path gives the full-sequence result: no shortformer positions (added inside
+    attention, not cached as keys), every edited hook inside a block (the final norm and unembedding run on
+    the scored positions only, so a hook there would see other positions), and no position given as a
+    boolean mask (it indexes batch columns, which the shared path shifts, see :func:`_shared_prefix_nll`), and
+    no kind whose change needs the whole input (:attr:`Intervention.needs_full_input`, COLD-FD): the options
+    run as cached continuation steps."""
+    if model.cfg.positional_embedding_type == "shortformer":
+        return False
+    if any(iv.positions.kind == "mask" or iv.needs_full_input for iv in ivs):
+        return False
+    return all(HookSite.parse(name).layer is not None for iv in ivs for name in iv.hook_names)
+
+
+def _kv_cache(model: HookedTransformer, batch: int) -> Any:
+    try:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as Cache
+    except ImportError:  # TransformerLens 2.x
+        from transformer_lens.past_key_value_caching import (  # type: ignore[no-redef]
+            HookedTransformerKeyValueCache as Cache,
+        )
+    return Cache.init_cache(model.cfg, model.cfg.device, batch)
+
+
+def _expand_cache(cache: Any, rows: Int[Tensor, " rows"]) -> Any:
+    """The cache with row ``rows[r]`` of the original as its row r (each question's keys and values once per
+    option), frozen: the options' own keys and values are not kept."""
+    for entry in cache.entries:
+        entry.past_keys = entry.past_keys.index_select(0, rows.to(entry.past_keys.device))
+        entry.past_values = entry.past_values.index_select(0, rows.to(entry.past_values.device))
+    mask = cache.previous_attention_mask
+    cache.previous_attention_mask = mask.index_select(0, rows.to(mask.device))
+    cache.freeze()
+    return cache
+
+
+def _final_logprobs(
+    model: HookedTransformer, final: Float[Tensor, "batch pos d_model"], rows: list[int], cols: list[int]
+) -> Float[Tensor, "scored vocab"]:
+    """Log-probabilities from the final residual at (rows[i], cols[i]) only: final norm, unembedding, soft cap."""
+    device = final.device
+    picked = final[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)][None]
+    if model.cfg.normalization_type is not None:
+        picked = model.ln_final(picked)
+    logits = model.unembed(picked)[0]
+    cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _shared_prefix_nll(
+    model: HookedTransformer, data: Tokenized, groups: list[list[int]], normalize: Normalize, batch_size: int
+) -> Float[Tensor, " n"]:
+    """Completion NLL of every row of ``data`` where the rows of each group (one question's options) share
+    their prompt. Per chunk of ``batch_size`` questions, two forward passes:
+
+    1. the questions: the tokens of question q before ``C_q = min(start) - 1``, right-padded to the chunk's
+       longest ``C``, with an attention mask that hides the padding; keys and values are kept (KV cache);
+    2. the options: the tokens of each option from ``C_q`` on, on top of its question's cached keys and
+       values (one cache row per option). The mask keeps the question's padding hidden, so every real
+       token attends to exactly the tokens it attends to in the full sequence, at the same positions
+       (TransformerLens numbers positions by the mask).
+
+    Only the positions ``start - 1 .. len - 2`` of each option (those that predict its tokens) go through the
+    final norm and unembedding. A steering hook sees the batch's columns: the prompt boundary of each option
+    row is declared in columns (``start + padding``), so the named position policies pick the same tokens
+    as in the full sequence. Few passes matter: TransformerLens copies its weights in every forward call.
+    """
+    device = model.cfg.device or "cpu"
+    n_layers = model.cfg.n_layers
+    pad = pad_token_id(model)
+    out = torch.empty(len(data), dtype=torch.float32)
+    keyed = sorted(groups, key=lambda q: min(data.starts[r] for r in q))
+    for at in range(0, len(keyed), batch_size):
+        chunk = keyed[at : at + batch_size]
+        cs = [min(data.starts[r] for r in q) - 1 for q in chunk]
+        if min(cs) < 1:  # a one-token prompt: nothing to share, and an all-padding question row is undefined
+            for q in chunk:
+                out[torch.as_tensor(q)] = _full_nll(model, data, q, normalize)
+            continue
+        width = max(cs)
+        rows = [r for q in chunk for r in q]
+        owner = [k for k, q in enumerate(chunk) for _ in q]
+        head = pad_right([data.sequences[q[0]][:c] for q, c in zip(chunk, cs, strict=True)], pad, device)
+        head_mask = (torch.arange(width)[None] < torch.as_tensor(cs)[:, None]).long().to(device)
+        cache = _kv_cache(model, len(chunk))
+        # Every real position of the question pass is a prompt position of each of its options.
+        with prompt_boundary(torch.as_tensor([c + 1 for c in cs])):
+            model(head, past_kv_cache=cache, attention_mask=head_mask, stop_at_layer=n_layers)
+        cache = _expand_cache(cache, torch.as_tensor(owner, dtype=torch.long))
+        shift = [width - cs[owner[k]] for k in range(len(rows))]  # column = position + shift in pass 2
+        tokens = pad_right([data.sequences[r][cs[owner[k]] :] for k, r in enumerate(rows)], pad, device)
+        boundary = torch.as_tensor([data.starts[r] + shift[k] for k, r in enumerate(rows)])
+        with prompt_boundary(boundary):
+            final = model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), stop_at_layer=n_layers)
+        # Position p of option k (relative to its question's C) predicts its token p + 1.
+        sel_rows, sel_cols, target, which = [], [], [], []
+        for k, r in enumerate(rows):
+            seq, c = data.sequences[r], cs[owner[k]]
+            for p in range(data.starts[r] - 1, len(seq) - 1):
+                sel_rows.append(k)
+                sel_cols.append(p - c)
+                target.append(seq[p + 1])
+                which.append(k)
+        logprobs = _final_logprobs(model, final, sel_rows, sel_cols)
+        token_lp = logprobs.gather(-1, torch.as_tensor(target, device=logprobs.device)[:, None])[:, 0].cpu()
+        index = torch.as_tensor(which, dtype=torch.long)
+        total = torch.zeros(len(rows), dtype=torch.float32).index_add_(0, index, -token_lp)
+        count = torch.zeros(len(rows), dtype=torch.float32).index_add_(0, index, torch.ones_like(token_lp))
+        out[torch.as_tensor(rows)] = total if normalize == "sum" else total / count
+    return out
+
+
+def _full_nll(model: HookedTransformer, data: Tokenized, rows: list[int], normalize: Normalize) -> Float[Tensor, " k"]:
+    """NLL of ``rows`` of ``data`` from full sequences in one pass (the fallback of :func:`_shared_prefix_nll`)."""
+    tokens = pad_right([data.sequences[r] for r in rows], pad_token_id(model), model.cfg.device or "cpu")
+    starts = torch.as_tensor([data.starts[r] for r in rows], device=tokens.device)
+    lens = torch.as_tensor([len(data.sequences[r]) for r in rows], device=tokens.device)
+    with prompt_boundary(starts):
+        logits = model(tokens)
+    return nll_from_logits(logits, tokens, starts, lens, normalize).float().cpu()
 
 
 @dataclass(frozen=True)
@@ -159,6 +317,59 @@ class MCResult:
         """Percentile-bootstrap confidence interval of the accuracy."""
         return bootstrap_ci(self.correct.double().numpy(), seed=seed, level=level)
 
+    def items(self) -> pd.DataFrame:
+        """One row per item: item, answer, chosen, correct, and the NLL of each option (nll_0, nll_1, ..)."""
+        nll = self.nll.detach().double().cpu().numpy()
+        frame = pd.DataFrame(
+            {
+                "item": np.arange(len(self)),
+                "answer": self.answer.cpu().numpy(),
+                "chosen": self.chosen.cpu().numpy(),
+                "correct": self.correct.cpu().numpy(),
+            }
+        )
+        for k in range(nll.shape[1]):
+            frame[f"nll_{k}"] = nll[:, k]  # inf where an item has fewer options
+        return frame
+
+    def summary(self, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+        """One row: n, accuracy with its bootstrap CI (accuracy_low, accuracy_high), normalize."""
+        low, high = self.ci(level, seed)
+        row = {"n": len(self), "accuracy": self.accuracy, "accuracy_low": low, "accuracy_high": high}
+        return pd.DataFrame([{**row, "normalize": self.normalize}])
+
+    def to_csv(self, path: str | Path, summary: bool = False) -> Path:
+        """Write the per-item table (or, with ``summary=True``, the one-row summary) as CSV."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (self.summary() if summary else self.items()).to_csv(path, index=False)
+        return path
+
+    def plot(self, path: str | Path | None = None, *, title: str | None = None) -> Any:
+        """The accuracy with its 95% bootstrap CI, against chance (1 / number of options)."""
+        from tl_steer.analysis.plots import _pyplot, finish_figure
+
+        plt = _pyplot()
+        row = self.summary().iloc[0]
+        n_options = torch.isfinite(self.nll).sum(-1).double()
+        chance = float((1.0 / n_options).mean())
+        fig, ax = plt.subplots(figsize=(3.6, 3.6), dpi=120)
+        ax.bar([0], [row["accuracy"]], width=0.5, color="#4c72b0")
+        ax.errorbar(
+            [0],
+            [row["accuracy"]],
+            yerr=[[row["accuracy"] - row["accuracy_low"]], [row["accuracy_high"] - row["accuracy"]]],
+            color="black",
+            capsize=6,
+        )
+        ax.axhline(chance, color="gray", linestyle="--", label=f"chance ({chance:.2f})")
+        ax.set_xticks([0], [f"n = {len(self)}"])
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("multiple-choice accuracy")
+        ax.set_title(title or "Accuracy [95% CI]")
+        ax.legend(fontsize=7)
+        return finish_figure(fig, path, "Bar: share of items whose gold option has the lowest NLL.")
+
 
 def mc_result(nll: Float[Tensor, "n n_options"], answer: Int[Tensor, " n"], normalize: str = "mean") -> MCResult:
     """Choose the lowest-NLL option of each row of ``nll`` and score it against ``answer``."""
@@ -179,6 +390,7 @@ def mc_accuracy(
     chat: bool = False,
     batch_size: int = 16,
     normalize: Normalize = "mean",
+    shared_prefix: bool = True,
 ) -> MCResult:
     """Multiple-choice accuracy of ``model`` on ``items``, each answered by the option with the lowest
     NLL (mean per token by default, length-normalised; ``normalize="sum"`` for the total), with
@@ -195,6 +407,7 @@ def mc_accuracy(
         chat=chat,
         batch_size=batch_size,
         normalize=normalize,
+        shared_prefix=shared_prefix,
     )
     answer = torch.tensor([item.answer for item in items], dtype=torch.long)
     return mc_result(nll, answer, normalize)

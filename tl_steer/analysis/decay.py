@@ -1,4 +1,4 @@
-"""The validity-decay model of preference and utility curves (methods.md section 2).
+"""The validity-decay model of preference and utility curves (docs/methods.md, section 3).
 
     D(m) = [1 + (m - m_plus)^2 / L_plus]^(-p_plus)       for m >= 0
     D(m) = [1 + (m - m_minus)^2 / L_minus]^(-p_minus)    for m < 0,   with D continuous at m = 0

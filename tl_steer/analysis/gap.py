@@ -4,7 +4,8 @@ Conditions are no steering, prompting (an instruction before every prompt), stee
 swept over m) and steering plus prompting. For each (condition, m), on the same items:
 
 - behaviour: PrefOdds = L_n - L_p per held-out pair (and, where A/B items are given, the share of items
-  where the behaviour's letter is the more probable answer);
+  where the behaviour's letter is the more probable answer; and, with ``text``, the probe judge's
+  P(concept | text) of generated completions, ``text_behavior``);
 - utility: UtilOdds = log(P_u / (1 - P_u)), P_u = exp(-L_p) + exp(-L_n) per pair;
 - capability: multiple-choice accuracy, each option scored by its likelihood (no text parsing, so format
   failures are not counted as lost knowledge).
@@ -22,10 +23,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,9 @@ from tl_steer.data.mc import MCItem
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError
 from tl_steer.interventions import Intervention, check_grid
+
+if TYPE_CHECKING:
+    from tl_steer.analysis.generation_sweep import TextBehavior
 
 BASELINE = "no steering"
 
@@ -161,58 +165,127 @@ class GapResult:
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def to_csv(self, path: str | Path) -> Path:
+    def to_csv(self, path: str | Path, summary: bool = False) -> Path:
+        """Write the per-item table (or, with ``summary=True``, :meth:`summary`) as CSV."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.items.to_csv(path, index=False)
+        (self.summary() if summary else self.items).to_csv(path, index=False)
         return path
 
-    def plot(self, path: str | Path | None = None, *, metric: str = "pref_odds", title: str | None = None) -> Any:
+    def plot(
+        self,
+        path: str | Path | None = None,
+        *,
+        metric: str = "pref_odds",
+        title: str | None = None,
+        strength: Callable[[str, float], float] | None = None,
+    ) -> Any:
         """Behaviour gain (x) against capability change (y), one line per steering condition across m,
-        one point per non-steering condition, 95% CIs as error bars: up and right is better."""
+        one point per non-steering condition, 95% CIs as error bars: up and right is better. Colour tells
+        the condition, the marker the strength (``strength(condition, m)`` converts m for the legend, e.g.
+        into units of the condition's trained strength); points carry no text, so nothing overlaps. When
+        behaviour was also measured on generated text (``text_behavior``), a second panel shows it."""
         plt = _pyplot()
         summary = self.summary()
-        fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=120)
+        # behaviour from generated text (``text_behavior``), when measured, gets a panel beside PrefOdds
+        metrics = [metric]
+        if metric == "pref_odds" and "text_behavior" in set(summary["metric"]):
+            metrics.append("text_behavior")
+        width = 9.2 + 5.2 * (len(metrics) - 1)
+        fig, axes = plt.subplots(1, len(metrics), figsize=(width, 5.4), dpi=120, squeeze=False)
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, cond in enumerate(self.conditions):
-            part = summary[summary["condition"] == cond.name]
-            x = part[part["metric"] == metric].set_index("m")
-            y = part[part["metric"] == "capability"].set_index("m")
-            if x.empty or y.empty:
+        convert = strength or (lambda _name, m: m)
+        shown = {
+            round(convert(c.name, float(m)), 6)
+            for c in self.conditions
+            if c.steers
+            for m in summary.loc[summary["condition"] == c.name, "m"]
+        }
+        # one marker per strength when there are few distinct strengths; else by rank within the condition
+        by_value = len(shown) <= len(_MARKERS)
+        values = sorted(shown)
+        for panel, (ax, metric) in enumerate(zip(axes[0], metrics, strict=True)):
+            condition_handles, strengths_used = [], set()
+            for i, cond in enumerate(self.conditions):
+                part = summary[summary["condition"] == cond.name]
+                x = part[part["metric"] == metric].set_index("m")
+                y = part[part["metric"] == "capability"].set_index("m")
+                if x.empty or y.empty:
+                    continue
+                ms = sorted(set(x.index) & set(y.index))
+                x, y = x.loc[ms], y.loc[ms]
+                color = colors[i % len(colors)]
+                ax.errorbar(
+                    x["gain"],
+                    100 * y["gain"],
+                    xerr=[x["mean"] - x["low"], x["high"] - x["mean"]],
+                    yerr=[100 * (y["mean"] - y["low"]), 100 * (y["high"] - y["mean"])],
+                    fmt="-" if cond.steers else "none",
+                    lw=1,
+                    elinewidth=0.8,
+                    capsize=2,
+                    alpha=0.85,
+                    color=color,
+                )
+                for k, (m, gx, gy) in enumerate(zip(ms, x["gain"], y["gain"], strict=True)):
+                    if cond.steers:
+                        key = values.index(round(convert(cond.name, float(m)), 6)) if by_value else k
+                        marker = _MARKERS[key % len(_MARKERS)]
+                        strengths_used.add(key)
+                    else:
+                        marker = "s"
+                    ax.plot(gx, 100 * gy, marker, ms=6, color=color, mec="black", mew=0.4, zorder=3)
+                condition_handles.append(
+                    plt.Line2D([], [], color=color, marker="s" if not cond.steers else None, label=cond.name)
+                )
+            ax.axhline(0, color="grey", lw=0.6)
+            ax.axvline(0, color="grey", lw=0.6)
+            unit = _BEHAVIOUR_UNITS.get(metric, f"{metric} gain")
+            ax.set_xlabel(f"behaviour: {unit} over no steering")
+            ax.set_ylabel("capability: accuracy change (percentage points)")
+            if panel == 0:
+                ax.set_title(title or "Capability-behaviour gap: what each behaviour gain costs in accuracy")
+            if panel < len(metrics) - 1:
                 continue
-            ms = sorted(set(x.index) & set(y.index))
-            x, y = x.loc[ms], y.loc[ms]
-            style = "-o" if cond.steers else "s"
-            ax.errorbar(
-                x["gain"],
-                100 * y["gain"],
-                xerr=[x["mean"] - x["low"], x["high"] - x["mean"]],
-                yerr=[100 * (y["mean"] - y["low"]), 100 * (y["high"] - y["mean"])],
-                fmt=style,
-                ms=4,
-                lw=1,
-                capsize=2,
-                color=colors[i % len(colors)],
-                label=cond.name,
+            strength_handles = [
+                plt.Line2D(
+                    [],
+                    [],
+                    ls="none",
+                    marker=_MARKERS[k % len(_MARKERS)],
+                    color="grey",
+                    mec="black",
+                    mew=0.4,
+                    label=f"m = {values[k]:.3g}" if by_value else f"strength {k + 1} (of the condition's, rising)",
+                )
+                for k in sorted(strengths_used)
+            ]
+            # one legend outside the axes (two would not both count in the layout): conditions, then strengths
+            ax.legend(
+                handles=condition_handles + strength_handles,
+                title="colour: condition\nmarker: strength",
+                fontsize=7,
+                title_fontsize=7,
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
             )
-            if cond.steers:
-                for m, gx, gy in zip(ms, x["gain"], y["gain"], strict=True):
-                    if m != 0:
-                        ax.annotate(f"m={m:.3g}", (gx, 100 * gy), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(0, color="grey", lw=0.6)
-        ax.axvline(0, color="grey", lw=0.6)
-        unit = "PrefOdds gain (nats per token)" if metric == "pref_odds" else f"{metric} gain"
-        ax.set_xlabel(f"behaviour: {unit} over no steering")
-        ax.set_ylabel("capability: accuracy change (percentage points)")
-        ax.set_title(title or "Capability-behaviour gap: what each behaviour gain costs in accuracy")
-        ax.legend(fontsize=7, loc="best")
         return finish_figure(
             fig,
             path,
-            "Lines: steering across strengths m (labelled); squares: prompting and no steering. Bars: 95% "
+            "Lines: steering across strengths m (marker: strength); squares: prompting and no steering. Bars: 95% "
             "bootstrap CIs.\nLook for: steering points below prompting's at the same behaviour gain (the gap).",
             bottom=0.07,
         )
+
+
+# The x axis of the gap figure per behaviour metric.
+_BEHAVIOUR_UNITS = {
+    "pref_odds": "PrefOdds gain (nats per token)",
+    "text_behavior": "generated text: P(concept | text) gain (probe judge)",
+}
+
+# Markers for the strengths of the gap figure, in increasing order of strength.
+_MARKERS = ("o", "^", "D", "v", "P", "X")
 
 
 def paired_test(metric: str, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -261,6 +334,7 @@ def capability_behavior_gap(
     ms: Sequence[float] = (0.0, 1.0, 2.0, 4.0),
     *,
     ab_items: Sequence[ABItem] | None = None,
+    text: TextBehavior | None = None,
     batch_size: int = 16,
     level: float = 0.95,
     include_baseline: bool = True,
@@ -273,7 +347,11 @@ def capability_behavior_gap(
 
     ``include_baseline=False`` leaves it out, and ``include_zero=False`` the m = 0 point of the steering
     conditions (for computing conditions in parts and joining their ``items`` tables; the tests need the
-    baseline back in the joined result)."""
+    baseline back in the joined result).
+
+    ``text`` (a :class:`~tl_steer.analysis.generation_sweep.TextBehavior`) adds behaviour measured on generated
+    text, as the feature-steering gap study measures it: metric ``text_behavior``, the probe judge's
+    P(concept | text) of a greedy completion of each of its prompts, beside PrefOdds."""
     pairs = check_pairs(behavior_pairs)
     items = list(capability_items)
     if not items:
@@ -282,6 +360,12 @@ def capability_behavior_gap(
         if not isinstance(it, MCItem):
             raise ConfigError(f"capability_items[{i}] is a {type(it).__name__}, not an MCItem")
     ab = check_ab_items(ab_items) if ab_items is not None else None
+    if text is not None:
+        from tl_steer.analysis.generation_sweep import TextBehavior
+
+        if not isinstance(text, TextBehavior):
+            raise ConfigError(f"text must be a TextBehavior, got {type(text).__name__}")
+        text.check(model)
     grid = sorted(set(check_grid(ms)) | {0.0})
     conds = list(conditions)
     if not conds and not include_baseline:
@@ -335,6 +419,8 @@ def capability_behavior_gap(
         if ab is not None:
             scores = ab_scores(model, ivs or None, _with_instruction_ab(ab, c.instruction), m=m, batch_size=batch_size)
             metrics["ab_accuracy"] = (scores > 0).numpy().astype(np.float64)
+        if text is not None:
+            metrics["text_behavior"] = text.scores(model, c, m)
         for metric, values in metrics.items():
             frames.append(
                 pd.DataFrame(

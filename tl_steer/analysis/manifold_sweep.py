@@ -1,9 +1,9 @@
-"""Manifold distance against steering strength, joined with the preference-utility sweep (methods.md 6).
+"""Manifold distance against steering strength, joined with the preference-utility sweep (docs/methods.md, sec. 9).
 
 :func:`manifold_sweep` steers the texts of contrastive pairs at every strength m, scores the activations at
 a probe's hook token by token with a :class:`~tl_steer.analysis.manifold.ManifoldProbe`, averages the
 distances over each text, and joins them with :func:`~tl_steer.analysis.preference_utility.preference_utility`
-for the same m. It tests the claim of methods.md section 6, that utility log-odds fall as the manifold
+for the same m. It tests the claim of docs/methods.md, section 9, that utility log-odds fall as the manifold
 distance rises, three ways (:meth:`ManifoldSweepResult.associations`):
 
 - ``spearman_m``: Spearman correlation across m of the per-m means of the distance and of UtilOdds;
@@ -45,6 +45,7 @@ from tl_steer.hookpoints import HookSite, validate_hook
 from tl_steer.interventions import AddVector, Intervention, check_grid, check_identity, hook_widths
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionPolicy, prompt_boundary
+from tl_steer.prefix import CleanPrefix
 from tl_steer.scoring import Tokenized, batches, max_batch_tokens, pad_right, pad_token_id, tokenize_completions
 from tl_steer.steering import build_hooks
 
@@ -219,8 +220,16 @@ class ManifoldSweepResult:
         columns = ["label", "m", "d_delta", "u_delta", "norm_ratio"]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
-    def to_csv(self, path: str | Path, what: Literal["table", "summary", "associations", "tokens"] = "table") -> Path:
-        """Write the per-pair table, the summary, the associations or the per-token table as CSV."""
+    def to_csv(
+        self,
+        path: str | Path,
+        what: Literal["table", "summary", "associations", "tokens"] = "table",
+        *,
+        summary: bool = False,
+    ) -> Path:
+        """Write the per-pair table, the summary, the associations or the per-token table as CSV
+        (``summary=True`` is ``what="summary"``, as in the other result classes)."""
+        what = "summary" if summary else what
         frames: dict[str, Any] = {
             "table": lambda: self.table,
             "summary": self.summary,
@@ -476,8 +485,7 @@ class _Runner:
         self.model = model
         self.hook = hook
         n_layers = model.cfg.n_layers
-        self.start = min(first_layer, HookSite.parse(hook).first_layer(n_layers))
-        self.use_prefix = 0 < self.start < n_layers and model.cfg.positional_embedding_type != "shortformer"
+        self.clean_prefix = CleanPrefix(model, min(first_layer, HookSite.parse(hook).first_layer(n_layers)))
         self.stop = _stop_layer(model, [hook])
         self.captured: list[Tensor] = []
 
@@ -485,15 +493,12 @@ class _Runner:
         self.captured.append(act.detach())
 
     def prefix(self, tokens: Tensor) -> Tensor | None:
-        return self.model(tokens, stop_at_layer=self.start) if self.use_prefix else None
+        return self.clean_prefix.residual(tokens)
 
     def run(self, tokens: Tensor, resid: Tensor | None, hooks: list[Any]) -> Tensor:
         self.captured.clear()
         with self.model.hooks(fwd_hooks=[*hooks, (self.hook, self._capture)]):
-            if resid is not None:
-                self.model(resid, start_at_layer=self.start, stop_at_layer=self.stop)
-            else:
-                self.model(tokens, stop_at_layer=self.stop, return_type=None)
+            self.clean_prefix.forward(tokens, resid, stop_at_layer=self.stop, return_type=None)
         return self.captured[-1]
 
 

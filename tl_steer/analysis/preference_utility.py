@@ -1,4 +1,4 @@
-"""Preference and utility on one log-odds scale, swept over the strength m (methods.md section 2).
+"""Preference and utility on one log-odds scale, swept over the strength m (docs/methods.md, section 2).
 
 For a pair (q, A_p, A_n), with L the completion NLL (mean per token by default, or summed):
 
@@ -39,13 +39,13 @@ from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError, DataError
 from tl_steer.interventions import Intervention, check_grid
 from tl_steer.positions import prompt_boundary
+from tl_steer.prefix import CleanPrefix
 from tl_steer.scoring import (
     Reduction,
     Tokenized,
     batches,
     max_batch_tokens,
     nll_from_logits,
-    pad_right,
     pad_token_id,
     tokenize_completions,
 )
@@ -72,6 +72,32 @@ def log_odds(
     log_pu = np.minimum(log_pu, ceiling)
     util = log_pu - np.log(-np.expm1(log_pu))
     return pref, util, clipped
+
+
+def odds_frame(L_p: np.ndarray, L_n: np.ndarray, eps: float, **keys: Any) -> pd.DataFrame:
+    """One row per pair: the columns ``keys`` (constants such as label and m), then pair, L_p, L_n and
+    :func:`log_odds`' pref_odds, util_odds and util_clipped; the per-pair table of a strength sweep."""
+    pref, util, clipped = log_odds(L_p, L_n, eps)
+    return pd.DataFrame(
+        {
+            **keys,
+            "pair": np.arange(len(L_p)),
+            "L_p": L_p,
+            "L_n": L_n,
+            "pref_odds": pref,
+            "util_odds": util,
+            "util_clipped": clipped,
+        }
+    )
+
+
+def warn_clipped(table: pd.DataFrame, eps: float) -> None:
+    """Warn, at the caller of the public function calling this, when UtilOdds was clipped in ``table``."""
+    if table["util_clipped"].any():
+        warnings.warn(
+            f"{int(table['util_clipped'].sum())} of {len(table)} items had P_u >= 1 - {eps:g}; UtilOdds clipped there",
+            stacklevel=3,
+        )
 
 
 def with_instruction(pairs: Sequence[ContrastivePair], instruction: str | None) -> list[ContrastivePair]:
@@ -230,27 +256,9 @@ def preference_utility(
                 else ""
             )
             raise DataError(f"non-finite NLL at m={m} for pair {i} (prompt {items[i].prompt!r}){hint}")
-        pref, util, clipped = log_odds(L_p, L_n, eps)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "label": label,
-                    "m": m,
-                    "pair": np.arange(n),
-                    "L_p": L_p,
-                    "L_n": L_n,
-                    "pref_odds": pref,
-                    "util_odds": util,
-                    "util_clipped": clipped,
-                }
-            )
-        )
+        frames.append(odds_frame(L_p, L_n, eps, label=label, m=m))
     table = pd.concat(frames, ignore_index=True)
-    if table["util_clipped"].any():
-        warnings.warn(
-            f"{int(table['util_clipped'].sum())} of {len(table)} items had P_u >= 1 - {eps:g}; UtilOdds clipped there",
-            stacklevel=2,
-        )
+    warn_clipped(table, eps)
     return PreferenceUtilityResult(table, reduction, eps)
 
 
@@ -291,8 +299,7 @@ def _sweep_nll(
     """NLL [len(grid), n_items] of every item at every strength."""
     n_layers = model.cfg.n_layers
     start = intervention.first_layer(n_layers) if intervention is not None else n_layers
-    # Shortformer models add positions inside every block's attention: no residual-only restart.
-    use_prefix = cache_prefix and 0 < start < n_layers and model.cfg.positional_embedding_type != "shortformer"
+    prefix = CleanPrefix(model, start, enabled=cache_prefix)
     lengths = [len(s) for s in data.sequences]
     groups = batches(lengths, batch_size, max_batch_tokens(model))
     out = np.empty((len(grid), len(data)), dtype=np.float64)
@@ -300,15 +307,13 @@ def _sweep_nll(
     pad = pad_token_id(model)
     with torch.no_grad():
         for idx in groups:
-            tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device or "cpu")
-            starts = torch.as_tensor([data.starts[i] for i in idx], device=tokens.device)
-            lens = torch.as_tensor([lengths[i] for i in idx], device=tokens.device)
+            tokens, starts, lens = data.batch(idx, pad, model.cfg.device or "cpu")
             with prompt_boundary(starts):
-                resid = model(tokens, stop_at_layer=start) if use_prefix else None
+                resid = prefix.residual(tokens)
                 for j, m in enumerate(grid):
                     hooks = build_hooks(model, [intervention], m, check=False) if intervention is not None else []
                     with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
-                        logits = model(resid, start_at_layer=start) if resid is not None else model(tokens)
+                        logits = prefix.forward(tokens, resid)
                     nll = nll_from_logits(logits, tokens, starts, lens, reduction)
                     out[j, idx] = nll.double().cpu().numpy()
                     bar.update(1)

@@ -1,9 +1,9 @@
 """Sample efficiency: how steering quality grows with the number of examples N, per method.
 
 For each seed, a seeded permutation of the training examples gives nested example sets (the first N for
-each N). The examples are either the behaviour's A/B train items turned into contrastive pairs (prompt =
+each N). The examples are either the behavior's A/B train items turned into contrastive pairs (prompt =
 the formatted item, positive = the matching letter, negative = the other letter; CAA-style,
-``train_on="ab"``) or the behaviour's contrastive train pairs with open-ended completions
+``train_on="ab"``) or the behavior's contrastive train pairs with open-ended completions
 (``train_on="pairs"``). Each method builds an intervention from them
 (COLD-Kernel and COLD-FD compute all N from one pass over the examples, since their statistics are
 running means), which is evaluated on the test splits:
@@ -12,7 +12,7 @@ running means), which is evaluated on the test splits:
 - ``ab_margin``: mean ``logit(matching) - logit(other)`` over those items (with A/B balanced, a constant
   preference for one letter cancels out, so this moves even when the accuracy is pinned at 0.5);
 - ``pref_odds``: mean ``L_n - L_p`` (completion NLL of the negative minus the positive completion) on the
-  behaviour's contrastive test pairs (:func:`tl_steer.load_pairs`): does the steering carry over from the
+  behavior's contrastive test pairs (:func:`tl_steer.load_pairs`): does the steering carry over from the
   A/B format to open-ended completions?
 
 One row per (method, N, seed), plus one row ``method="none"``, ``N=0`` for the unsteered model.
@@ -21,6 +21,7 @@ One row per (method, N, seed), plus one row ``method="none"``, ``N=0`` for the u
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.analysis.ab import ab_scores
+from tl_steer.config import resolve
 from tl_steer.data.ab import ABItem, ab_to_pairs, check_ab_items, load_ab_items
 from tl_steer.data.pairs import ContrastivePair, check_pairs, load_pairs
 from tl_steer.errors import ConfigError
@@ -91,7 +93,7 @@ def added_norm(
     the mean norm of the change at its (single) hook over the real positions of ``tokens`` except the
     first one (the attention sink, whose activation is one to two orders of magnitude larger)."""
     if isinstance(intervention, AddVector):
-        return float(intervention.vector.norm())
+        return float(intervention.vector.norm()) * intervention.unit
     (name,) = intervention.hook_names
     seen: list[Tensor] = []
 
@@ -100,7 +102,7 @@ def added_norm(
 
     with torch.no_grad():
         model.run_with_hooks(tokens, fwd_hooks=[(name, grab)], return_type=None)
-        model.run_with_hooks(tokens, fwd_hooks=[*intervention.hooks(1.0), (name, grab)], return_type=None)
+        model.run_with_hooks(tokens, fwd_hooks=[*intervention.hooks(1.0, model=model), (name, grab)], return_type=None)
     delta = seen[1] - seen[0]
     rows = [delta[i, 1:n] for i, n in enumerate(lengths)]
     return float(torch.cat(rows).norm(dim=-1).mean())
@@ -132,8 +134,8 @@ def build_interventions(
             hook,
             ns,
             eta=eta,
-            method=fd_method,  # type: ignore[arg-type]
-            eps=eps,
+            fd_method=fd_method,  # type: ignore[arg-type]
+            eps=eps if fd_method == "fd" else None,  # the JVP has no step
             positions=positions,
             batch_size=batch_size,
         )
@@ -141,9 +143,35 @@ def build_interventions(
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+@dataclass(frozen=True)
+class SampleEfficiencyConfig:
+    """The settings of :func:`sample_efficiency` as one object (each described there)."""
+
+    ns: Sequence[int] = (1, 2, 5, 10, 20, 50)
+    seeds: Sequence[int] = (0, 1, 2)
+    hook: str = "blocks.15.hook_resid_post"
+    methods: Sequence[str] = METHODS
+    m: float | Mapping[str, float] = 1.0
+    norm: float | None = None
+    eta: float | Mapping[str, float] = 1.0
+    fd_method: str = "fd"
+    eps: float = 1e-3
+    positions: PositionsLike = "all"
+    concept: str | None = None
+    train_items: Sequence[ABItem] | None = None
+    test_items: Sequence[ABItem] | None = None
+    test_pairs: Sequence[ContrastivePair] | None = None
+    n_test_items: int | None = None
+    n_test_pairs: int | None = None
+    train_on: str = "ab"
+    train_pairs: Sequence[ContrastivePair] | None = None
+    baseline: bool = True
+    batch_size: int = 8
+
+
 def sample_efficiency(
     model: HookedTransformer,
-    behaviour: str,
+    behavior: str,
     *,
     ns: Sequence[int] = (1, 2, 5, 10, 20, 50),
     seeds: Sequence[int] = (0, 1, 2),
@@ -167,12 +195,13 @@ def sample_efficiency(
     batch_size: int = 8,
     progress: bool = False,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    config: SampleEfficiencyConfig | None = None,
 ) -> pd.DataFrame:
     """A/B accuracy, A/B margin and PrefOdds on the test splits against the number of examples N.
 
     Args:
         model: the model to steer.
-        behaviour: a built-in A/B behaviour (:func:`tl_steer.data.ab.ab_behaviours`); its A/B train
+        behavior: a built-in A/B behavior (:func:`tl_steer.data.ab.ab_behaviors`); its A/B train
             split gives the examples, its A/B test split and the contrastive test pairs of ``concept``
             (default: the same name) the evaluation. ``train_items``, ``test_items``, ``test_pairs``
             replace the built-in data.
@@ -186,18 +215,52 @@ def sample_efficiency(
             at m = 1 on the first 4 training examples (:func:`added_norm`), so that every method adds
             about ``norm`` per position whatever N; the m used is in the table.
         eta: COLD's step size, one or per method (it only multiplies m).
-        fd_method, eps: COLD-FD's "fd" (finite difference, step eps) or "jvp" (exact).
+        fd_method, eps: COLD-FD's "fd" (finite difference, step eps) or "jvp" (exact). The default, "fd"
+            with eps = 1e-3, is within 1% of the JVP on the default model in float32 (0.2% .. 0.7% off in
+            the steered logits' change) at a third of its cost; the published eps = 1e-6 is not (>100%).
         positions: the position policy of every intervention.
         n_test_items, n_test_pairs: evaluate on the first this many test items / pairs only.
         train_on: "ab" (examples from the A/B train items, CAA-style) or "pairs" (the contrastive train
             pairs of ``concept``, or ``train_pairs``).
         baseline: add a row for the unsteered model (method "none", N = 0).
         on_row: called with each row as soon as it is computed (e.g. to print progress).
+        config: the settings ns .. batch_size as one :class:`SampleEfficiencyConfig` (the keywords must
+            then keep their defaults).
 
     Returns:
         a DataFrame with columns method, N, seed, m, ab_accuracy, ab_margin, pref_odds.
     """
-    methods = list(methods)
+    cfg = resolve(
+        config,
+        SampleEfficiencyConfig(
+            ns=ns,
+            seeds=seeds,
+            hook=hook,
+            methods=methods,
+            m=m,
+            norm=norm,
+            eta=eta,
+            fd_method=fd_method,
+            eps=eps,
+            positions=positions,
+            concept=concept,
+            train_items=train_items,
+            test_items=test_items,
+            test_pairs=test_pairs,
+            n_test_items=n_test_items,
+            n_test_pairs=n_test_pairs,
+            train_on=train_on,
+            train_pairs=train_pairs,
+            baseline=baseline,
+            batch_size=batch_size,
+        ),
+    )
+    # One object in, plain names below: the body reads the resolved settings only.
+    ns, seeds, hook, m, norm, eta = cfg.ns, cfg.seeds, cfg.hook, cfg.m, cfg.norm, cfg.eta
+    fd_method, eps, positions, concept, train_on = cfg.fd_method, cfg.eps, cfg.positions, cfg.concept, cfg.train_on
+    train_items, test_items, test_pairs, train_pairs = cfg.train_items, cfg.test_items, cfg.test_pairs, cfg.train_pairs
+    n_test_items, n_test_pairs, baseline, batch_size = cfg.n_test_items, cfg.n_test_pairs, cfg.baseline, cfg.batch_size
+    methods = list(cfg.methods)
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -205,14 +268,14 @@ def sample_efficiency(
     etas = _per_method(eta, methods, "eta")
     if train_on == "ab":
         train: list[ContrastivePair] = ab_to_pairs(
-            train_items if train_items is not None else load_ab_items(behaviour, "train")
+            train_items if train_items is not None else load_ab_items(behavior, "train")
         )
     elif train_on == "pairs":
-        train = check_pairs(train_pairs if train_pairs is not None else load_pairs(concept or behaviour, "train"))
+        train = check_pairs(train_pairs if train_pairs is not None else load_pairs(concept or behavior, "train"))
     else:
         raise ConfigError(f"train_on must be 'ab' or 'pairs', got {train_on!r}")
-    test = check_ab_items(test_items if test_items is not None else load_ab_items(behaviour, "test"))
-    pairs = check_pairs(test_pairs if test_pairs is not None else load_pairs(concept or behaviour, "test"))
+    test = check_ab_items(test_items if test_items is not None else load_ab_items(behavior, "test"))
+    pairs = check_pairs(test_pairs if test_pairs is not None else load_pairs(concept or behavior, "test"))
     test = test[:n_test_items] if n_test_items else test
     pairs = pairs[:n_test_pairs] if n_test_pairs else pairs
     ns = sorted({int(n) for n in ns})
@@ -312,6 +375,7 @@ def plot_sample_efficiency(table: pd.DataFrame, path: str | None = None, *, titl
 
 
 __all__ = [
+    "SampleEfficiencyConfig",
     "added_norm",
     "build_interventions",
     "evaluate",

@@ -114,8 +114,8 @@ def read_ab_items(path: str | Path) -> list[ABItem]:
     return read_records(path, _FIELDS, ABItem, what="A/B items")
 
 
-def ab_behaviours() -> list[str]:
-    """Names of the built-in A/B behaviours, for :func:`load_ab_items`."""
+def ab_behaviors() -> list[str]:
+    """Names of the built-in A/B behaviors, for :func:`load_ab_items` (``ab_behaviours`` is an alias)."""
     folder = resources.files("tl_steer.data") / "builtin"
     return sorted(
         {
@@ -126,14 +126,19 @@ def ab_behaviours() -> list[str]:
     )
 
 
+#: The former spelling of :func:`ab_behaviors` (the public API spells "behavior", as the A/B data's
+#: ``answer_matching_behavior`` field does).
+ab_behaviours = ab_behaviors
+
+
 def load_ab_items(name: str, split: Literal["train", "test"] = "train") -> list[ABItem]:
     """A built-in A/B behaviour dataset with its fixed train/test split.
 
     Behaviours: ``sentiment`` (95 train / 50 test items; the matching option is the positive reply) and
     ``formality`` (91 train / 40 test; the matching option is the formal reply). In each split the
-    matching letter is A in half of the items. See :func:`ab_behaviours`.
+    matching letter is A in half of the items. See :func:`ab_behaviors`.
     """
-    names = ab_behaviours()
+    names = ab_behaviors()
     if name not in names:
         raise DataError(f"unknown built-in A/B behaviour {name!r}; choose one of {', '.join(names)}")
     if split not in ("train", "test"):
@@ -146,6 +151,7 @@ def load_ab_items(name: str, split: Literal["train", "test"] = "train") -> list[
 __all__ = [
     "ABItem",
     "ANSWER_PREFIX",
+    "ab_behaviors",
     "ab_behaviours",
     "ab_to_pairs",
     "check_ab_items",

@@ -1,5 +1,5 @@
 """Multiple-choice items: a question, its options and the index of the correct one (the capability side
-of the capability-behaviour gap, methods.md section 5).
+of the capability-behaviour gap, docs/methods.md, section 8).
 
 A file of items is JSON Lines, one object per line::
 

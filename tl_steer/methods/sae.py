@@ -1,10 +1,13 @@
-"""SAE feature steering with sae-lens SAEs, and scores for choosing the features (methods.md section 5).
+"""SAE feature steering with sae-lens SAEs, and scores for choosing the features (docs/methods.md, section 7).
 
 Three edits at the SAE's own hook (``sae.cfg.metadata.hook_name``), each scaled by the strength m:
 
 - ``add``:    h <- h + m * sum_i c_i W_dec[i]
 - ``clamp``:  h <- h + m * (D(z') - D(z)),  z = E(h), z' = z with z_i set to c_i
 - ``ablate``: the same with c_i = 0
+
+Their unit is 1: m = 1 is the edit as asked for (clamp and ablate set the feature exactly; add adds the
+coefficients c_i, in the unit :func:`sae_feature`'s ``scale`` chose).
 
 where E and D are the SAE's own encode and decode. ``D(z') - D(z)`` equals decoding z' and adding back
 the SAE's error term ``h - D(z)``, so m = 0, and clamping a feature to its current value, are exactly the
@@ -33,7 +36,7 @@ from tl_steer.activations import completion_activations
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError, HookNameError, MissingDependencyError, ShapeError
 from tl_steer.hookpoints import validate_hook
-from tl_steer.interventions import Edit, Intervention, hook_widths
+from tl_steer.interventions import EditEntry, Intervention, hook_widths
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionsLike
 from tl_steer.scoring import pair_nll, tokenize_completions
@@ -109,6 +112,8 @@ class SAEFeatureEdit(Intervention):
     """
 
     kind = "sae_feature"
+    # clamp and ablate too: the change D(z') - D(z) does not depend on m, which only scales it.
+    linear_in_m = True
 
     def __init__(
         self,
@@ -123,8 +128,11 @@ class SAEFeatureEdit(Intervention):
         method: str | None = None,
         info: dict[str, Any] | None = None,
         model_identity: dict[str, Any] | None = None,
+        unit: float = 1.0,
     ) -> None:
-        super().__init__(positions=positions, method=method or "sae", info=info, model_identity=model_identity)
+        super().__init__(
+            positions=positions, method=method or "sae", info=info, model_identity=model_identity, unit=unit
+        )
         if mode not in MODES:
             raise ConfigError(f"unknown SAE edit mode {mode!r}; valid modes: {', '.join(MODES)}")
         if not isinstance(hook, str):
@@ -164,18 +172,18 @@ class SAEFeatureEdit(Intervention):
     def widths(self) -> dict[str, int]:
         return {self.hook: self.width}
 
-    def _edits(self) -> list[tuple[str, Edit]]:
+    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
         if self.mode == "add":
             assert self.directions is not None
             vector = (self.values.to(self.directions.dtype)[:, None] * self.directions).sum(0)
 
-            def add(activation: Tensor, hook: HookPoint, m: float) -> Tensor:
-                return m * vector.to(device=activation.device, dtype=activation.dtype)
+            def add(activation: Tensor, hook: HookPoint, raw: float) -> Tensor:
+                return raw * vector.to(device=activation.device, dtype=activation.dtype)
 
             return [(self.hook, add)]
         sae, index, values = self.sae, torch.tensor(self.features), self.values
 
-        def clamp(activation: Tensor, hook: HookPoint, m: float) -> Tensor:
+        def clamp(activation: Tensor, hook: HookPoint, raw: float) -> Tensor:
             x = activation.to(dtype=sae.dtype, device=sae.device)
             z = sae.encode(x)
             target = z.clone()
@@ -183,7 +191,7 @@ class SAEFeatureEdit(Intervention):
             edited = sae.decode(target)
             # encode again: SAEs normalising their input keep the statistics for exactly one decode
             sae.encode(x)
-            return m * (edited - sae.decode(z))
+            return raw * (edited - sae.decode(z))
 
         return [(self.hook, clamp)]
 
@@ -314,6 +322,15 @@ def sae_feature(
             whose norm is the median activation norm at the hook on ``reference_texts``).
         model, reference_texts: needed for the scales other than "raw"; with ``model``, the SAE is also
             checked against it (hook, width, LayerNorm folding).
+
+    The strength: the edit's ``unit`` is 1, so ``m = 1`` applies exactly what was asked for (clamp and
+    ablate set the feature to its target; add adds ``value`` in the unit of ``scale``) and ``m`` scales
+    the change. For add, pick the amount with ``scale``: ``"raw"`` with value 1 adds ``W_dec[i]`` itself,
+    whose norm is about 1 for the usual unit-norm decoders, small against the activation (its median norm
+    is about 180 at layer 15 of the default model); ``"max_act"`` with value 1 adds the feature at the
+    largest activation it reaches on ``reference_texts``, a natural "fully on"; or pass
+    ``value = norm / |W_dec[i]|`` to add the norm of a DiffMean vector, as the report and
+    :func:`rank_features` do, to compare with DiffMean at equal added norm.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown SAE edit mode {mode!r}; valid modes: {', '.join(MODES)}")

@@ -5,21 +5,24 @@ Steps, each cached in ``DIR/cache`` (see :mod:`tl_steer.report.store`):
 
 1. interventions: DiffMean; SFT and SPLIT (theta 2) in the forms asked for; COLD-Kernel and COLD-FD (JVP)
    from the first training pairs; the SAE feature with the largest measured PrefOdds gain among
-   :func:`rank_features`' candidates (when an SAE for the hook is available). Every one gets a trained
-   strength ``m_trained``: SFT/SPLIT their grid's median; the others the m at which they add DiffMean's
-   norm per position, so that all are compared at equal added norm.
-2. preference and utility of each on the test pairs over ``m = r * m_trained`` (and prompting, and
+   :func:`rank_features`' candidates (when an SAE for the hook is available). For each, ``m = 1`` is the
+   strength it was made for (its ``unit``): SFT/SPLIT their grid's median; COLD the scale at which it
+   adds DiffMean's norm on its examples; the SAE feature's coefficient adds DiffMean's norm; so all are
+   compared at the same m. With ``--full`` (or ``--methods``), the adaptive forms around DiffMean's vector:
+   projection clamp, probe-budgeted addition, rotation, and DiffMean gated by a condition probe.
+2. preference and utility of each on the test pairs over the strengths ``RELATIVE`` (and prompting, and
    the decay-model fit);
 3. the manifold distance of the steered residual stream, for DiffMean and the SPLIT vector;
-4. the capability-behaviour gap at 0.25, 1 and 2 x ``m_trained`` against prompting.
+4. the capability-behaviour gap at m = 0.25, 1 and 2 against prompting; with the full size
+   (``gap_text``), behaviour is also measured on generated text (the concept judge's score of greedy
+   completions of held-out prompts), beside PrefOdds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,33 +36,81 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.gap import BASELINE, Condition, GapResult, capability_behavior_gap
+from tl_steer.analysis.generation_sweep import TextBehavior
 from tl_steer.analysis.manifold import ManifoldProbe
 from tl_steer.analysis.manifold_sweep import manifold_sweep
-from tl_steer.analysis.method_comparison import ComparisonResult, tabulate_comparison, trained_strength
+from tl_steer.analysis.method_comparison import tabulate_comparison
 from tl_steer.analysis.preference_utility import PreferenceUtilityResult, preference_utility
-from tl_steer.analysis.sample_efficiency import added_norm, reference_batch
 from tl_steer.data.mc import MCItem
 from tl_steer.data.pairs import ContrastivePair
+from tl_steer.data.prompts import load_prompts, prompt_sets
 from tl_steer.errors import ConfigError
-from tl_steer.interventions import Intervention
+from tl_steer.interventions import AddVector, Intervention
+from tl_steer.judges.probe import ProbeJudge
+from tl_steer.methods.adaptive import (
+    ConceptActivations,
+    budgeted_addition,
+    concept_activations,
+    condition_probe,
+    conditional,
+    projection_clamp,
+    rotation,
+)
 from tl_steer.methods.cold import cold_fd, cold_kernel
 from tl_steer.methods.diffmean import diffmean
 from tl_steer.methods.sae import rank_features, sae_feature
 from tl_steer.methods.split import FORMS, Form, sft, split
 from tl_steer.report import html
+from tl_steer.report.sections import ReportContext, build_sections
 from tl_steer.report.store import Store
 
-METHODS = ("diffmean", "sft", "split", "cold_kernel", "cold_fd", "sae", "prompting")
+#: The adaptive forms (docs/methods.md, section "Adaptive steering"), each fitted around DiffMean's vector.
+ADAPTIVE = ("clamp", "budget", "rotation", "conditional")
+METHODS = ("diffmean", "sft", "split", "cold_kernel", "cold_fd", "sae", *ADAPTIVE, "prompting")
+#: The methods of a run that names none: every method for "full"; the smaller sizes leave the adaptive forms
+#: out (about a minute each on 2 cores), which ``--methods`` adds back.
+DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
+    "quick": tuple(m for m in METHODS if m not in ADAPTIVE),
+    "standard": tuple(m for m in METHODS if m not in ADAPTIVE),
+    "full": METHODS,
+}
 # Nine strengths: the decay model has nine parameters (one constraint), so fewer points would fit exactly.
 RELATIVE = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
-# The gap's strengths: a quarter of m_trained reaches about the behaviour gain of prompting, so that the
+# The gap's strengths: m = 0.25 reaches about the behaviour gain of prompting, so that the
 # matched comparison has a steering point near it.
 GAP_RELATIVE = (0.25, 1.0, 2.0)
+# prompts and new tokens of the gap's behaviour on generated text (settings.gap_text)
+GAP_TEXT_PROMPTS, GAP_TEXT_TOKENS = 16, 32
+
+# The sizes of `tl-steer report`: "quick", a smoke run of a few minutes; "standard", the default, about
+# 10 minutes on 2 CPU cores (vector forms only); "full", the whole comparison (the field defaults below).
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "n_train": 48,
+        "n_test": 16,
+        "epochs": 1,
+        "n_cold": 8,
+        "n_mc": 40,
+        "n_probe_texts": 96,
+        "gap_text": False,
+    },
+    "standard": {
+        "n_train": 64,
+        "n_test": 24,
+        "epochs": 1,
+        "n_cold": 12,
+        "n_mc": 64,
+        "n_probe_texts": 128,
+        "gap_text": False,
+    },
+    "full": {},
+}
 
 
 @dataclass(frozen=True)
 class ReportSettings:
-    """What the report computes. ``quick`` shrinks every size for a run of a few minutes."""
+    """What the report computes (the defaults: the full comparison). ``quick`` marks the smallest of the
+    :data:`SIZES`, which also measures fewer SAE candidates and skips the manifold's random baselines."""
 
     concept: str
     layer: int
@@ -74,20 +125,28 @@ class ReportSettings:
     n_probe_texts: int = 200
     instruction: str | None = None
     decay_fit: bool = True
+    #: the gap also measures behaviour on generated text (the concept judge's score of greedy completions of
+    #: GAP_TEXT_PROMPTS held-out prompts at every gap strength); the full size does, the smaller ones do not
+    gap_text: bool = True
     seed: int = 0
 
     @classmethod
-    def make(cls, concept: str, layer: int, *, quick: bool = False, **kwargs: Any) -> ReportSettings:
+    def make(
+        cls, concept: str, layer: int, *, quick: bool = False, size: str | None = None, **kwargs: Any
+    ) -> ReportSettings:
+        """Settings of one of the :data:`SIZES` (``quick=True`` is ``size="quick"``; default: "full"),
+        with any field given in ``kwargs`` overriding it."""
+        size = size or ("quick" if quick else "full")
+        if size not in SIZES:
+            raise ConfigError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
         unknown = [m for m in kwargs.get("methods", ()) if m not in METHODS]
         if unknown:
             raise ConfigError(f"unknown method(s) {', '.join(unknown)}; valid methods: {', '.join(METHODS)}")
         bad = [f for f in kwargs.get("forms", ()) if f not in FORMS]
         if bad:
             raise ConfigError(f"unknown form(s) {', '.join(bad)}; valid forms: {', '.join(FORMS)}")
-        sizes: dict[str, Any] = (
-            {"n_train": 48, "n_test": 16, "epochs": 1, "n_cold": 8, "n_mc": 40, "n_probe_texts": 96} if quick else {}
-        )
-        return cls(concept=concept, layer=layer, quick=quick, **(sizes | kwargs))
+        defaults = SIZES[size] | {"methods": DEFAULT_METHODS[size]}
+        return cls(concept=concept, layer=layer, quick=size == "quick", **(defaults | kwargs))
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -140,11 +199,6 @@ def build_interventions(
 
     dm = build("diffmean", lambda: diffmean(model, data.train, hook))
     norm = float(dm.vector.norm())  # type: ignore[attr-defined]
-    reference = reference_batch(model, data.train[:4])
-
-    def at_norm(iv: Intervention) -> Intervention:
-        iv.info["m_typical"] = norm / added_norm(model, iv, *reference)
-        return iv
 
     for form in settings.forms:
         for objective in ("sft", "split"):
@@ -152,10 +206,11 @@ def build_interventions(
                 build(f"{objective}/{form}", partial(_train, model, data.train, settings, form, objective))
     examples = data.train[: settings.n_cold]
     if "cold_kernel" in methods:
-        build("cold_kernel", lambda: at_norm(cold_kernel(model, examples, hook)))
+        build("cold_kernel", lambda: cold_kernel(model, examples, hook))
     if "cold_fd" in methods:
         # the exact forward-mode product: no epsilon to choose, and no loss of precision in fp32
-        build("cold_fd", lambda: at_norm(cold_fd(model, examples, hook, method="jvp")))
+        build("cold_fd", lambda: cold_fd(model, examples, hook))
+    _build_adaptive(model, data, hook, cast(AddVector, dm), methods, build)
     ranking = None
     if "sae" in methods and data.sae is not None:
         half = len(data.train) // 2
@@ -171,6 +226,47 @@ def build_interventions(
         value = norm / float(data.sae.W_dec[best].detach().norm())
         build(f"sae/{best}", lambda: sae_feature(data.sae, best, "add", value, model=model))
     return out, seconds, ranking
+
+
+def _build_adaptive(
+    model: HookedTransformer,
+    data: ReportData,
+    hook: str,
+    base: AddVector,
+    methods: set[str],
+    build: Callable[[str, Callable[[], Intervention]], Intervention],
+) -> None:
+    """The adaptive forms asked for, around DiffMean's vector ``base``: the projection clamp (target: the
+    median projection of the positive tokens), the budgeted addition (within the clean 95th percentile of a
+    Mahalanobis probe fitted on the training texts), the rotation, and DiffMean gated by a condition probe that
+    fires where the activation reads as the negative side. One pass over the training completions serves all;
+    it runs only when a form is not already cached."""
+    if not methods & set(ADAPTIVE):
+        return
+
+    @functools.cache
+    def acts() -> ConceptActivations:
+        return concept_activations(model, data.train, hook)
+
+    if "clamp" in methods:
+        build("clamp", lambda: projection_clamp(model, None, hook, base=base, activations=acts()))
+    if "budget" in methods:
+
+        def budget() -> Intervention:
+            texts = [p.prompt + c for p in data.train for c in (p.positive, p.negative)]
+            probe = ManifoldProbe.fit(model, texts, hook, k=32, progress=False)
+            return budgeted_addition(model, None, hook, probe, base=base, activations=acts())
+
+        build("budget", budget)
+    if "rotation" in methods:
+        build("rotation", lambda: rotation(model, None, hook, base=base, activations=acts()))
+    if "conditional" in methods:
+
+        def gated() -> Intervention:
+            probe = condition_probe(model, None, hook, activations=acts(), fires_on="negative")
+            return conditional(base, probe)
+
+        build("conditional", gated)
 
 
 def run_report(
@@ -194,6 +290,8 @@ def run_report(
     # (data, sizes, layer, model) would mix results of two configurations.
     keyed = {k: v for k, v in settings.to_json().items() if k not in ("methods", "forms")}
     keyed |= {"data": data.name, "model": model.cfg.model_name}
+    # Caches of tl_steer 0.1 swept raw strengths (m = r x m_trained); this key refuses to mix them in.
+    keyed["m"] = "m = 1 is each intervention's unit"
     if model.cfg.dtype != torch.float32:  # only then, so that caches of float32 runs stay valid
         keyed["dtype"] = str(model.cfg.dtype).removeprefix("torch.")
     store = Store(out, keyed)
@@ -210,7 +308,7 @@ def run_report(
     bar.set_postfix_str("preference and utility")
     sweeps = []
     for name, iv in interventions.items():
-        ms = [r * trained_strength(iv) for r in RELATIVE]
+        ms = list(RELATIVE)
         sweeps.append(
             store.frame(
                 f"sweep/{name}",
@@ -244,9 +342,11 @@ def run_report(
     bar.update()
 
     bar.set_postfix_str("writing")
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    sections, summary = _write(out, figures, model, data, settings, comparison, pu, manifold, gap, ranking, files)
+    context = ReportContext(
+        out, model, data, settings, interventions, comparison, pu, manifold, gap, ranking, files, store=store
+    )
+    sections = build_sections(context)
+    summary = context.summary
     summary["runtime_s"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     files.append(out / "summary.json")
@@ -278,12 +378,12 @@ def _manifold(
     frames = []
     for name in targets:
         iv = interventions[name]
-        ms = [r * trained_strength(iv) for r in RELATIVE]
+        ms = list(RELATIVE)
         baselines = name == "diffmean" and not settings.quick
         frame = store.frame(
             f"manifold/{name}", partial(_manifold_sweep, model, iv, data.test, ms, probe, name, baselines)
         )
-        frame.insert(2, "r", frame["m"] / trained_strength(iv))  # the random baselines share the sweep's grid
+        frame.insert(2, "r", frame["m"])  # m is relative to each one's unit; the random baselines share the grid
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
@@ -302,17 +402,31 @@ def _gap(
     for name, iv in interventions.items():
         if name.startswith("sft/") or (name.startswith("split/") and name != "split/vector"):
             continue  # one SPLIT form stands for the trained interventions; the gap is about kinds of control
-        ms = tuple(r * trained_strength(iv) for r in GAP_RELATIVE)
+        ms = tuple(GAP_RELATIVE)
         conditions.append(Condition(name, iv, ms=ms))
         if name == "diffmean" and settings.instruction:
             conditions.append(Condition("diffmean + prompting", iv, settings.instruction, ms=ms))
     frames = []
+
+    @functools.cache
+    def text() -> TextBehavior | None:
+        """Behaviour on generated text (fitted only when a gap entry is not cached yet)."""
+        if not settings.gap_text:
+            return None
+        prompts = (
+            load_prompts(data.name, "test")
+            if data.name in prompt_sets()
+            else list(dict.fromkeys(p.prompt for p in data.test))
+        )
+        judge = ProbeJudge.fit(model, data.train, data.test, concept=data.name)
+        return TextBehavior(tuple(prompts[:GAP_TEXT_PROMPTS]), judge, max_new_tokens=GAP_TEXT_TOKENS)
+
     for c in conditions:
         # one cache entry per strength, so that a rerun with more strengths computes only the new ones
         for m in c.ms or (0.0,):
             one = dataclasses.replace(c, ms=(m,)) if c.steers else c
-            key = f"gap/{c.name}@{m / trained_strength(c.intervention):g}" if c.intervention else f"gap/{c.name}"
-            frames.append(store.frame(key, partial(_gap_items, model, one, data.test, data.items)))
+            key = f"gap/{c.name}@{m:g}" if c.intervention else f"gap/{c.name}"
+            frames.append(store.frame(key, partial(_gap_items, model, one, data.test, data.items, text)))
         log(f"capability-behaviour gap: {c.name} scored")
     return GapResult(pd.concat(frames, ignore_index=True), conditions)
 
@@ -350,7 +464,11 @@ def _manifold_sweep(
 
 
 def _gap_items(
-    model: HookedTransformer, condition: Condition, pairs: list[ContrastivePair], items: list[MCItem]
+    model: HookedTransformer,
+    condition: Condition,
+    pairs: list[ContrastivePair],
+    items: list[MCItem],
+    text: Callable[[], TextBehavior | None] = lambda: None,
 ) -> pd.DataFrame:
     baseline = condition.name == BASELINE
     return capability_behavior_gap(
@@ -361,208 +479,8 @@ def _gap_items(
         include_baseline=baseline,
         include_zero=False,
         progress=False,
+        text=text(),
     ).items
 
 
-def _write(
-    out: Path,
-    figures: Path,
-    model: HookedTransformer,
-    data: ReportData,
-    settings: ReportSettings,
-    comparison: pd.DataFrame,
-    pu: PreferenceUtilityResult,
-    manifold: pd.DataFrame | None,
-    gap: GapResult | None,
-    ranking: pd.DataFrame | None,
-    files: list[Path],
-) -> tuple[list[html.Section], dict[str, Any]]:
-    hook = f"blocks.{settings.layer}.hook_resid_post"
-    summary: dict[str, Any] = {"settings": settings.to_json(), "data": data.name, "hook": hook}
-
-    def table(name: str, frame: pd.DataFrame) -> pd.DataFrame:
-        path = out / f"{name}.csv"
-        frame.to_csv(path, index=False)
-        files.append(path)
-        return frame
-
-    overview = html.Section(
-        "Overview",
-        paragraphs=[
-            f"Model {model.cfg.model_name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
-            f"{model.cfg.dtype}); concept {data.name!r}: {len(data.train)} training and {len(data.test)} test "
-            f"pairs; steering at {hook}; {len(data.items)} multiple-choice items for capability.",
-            "Preference log-odds PrefOdds = L_n - L_p and utility log-odds UtilOdds = log(P_u / (1 - P_u)) with "
-            "P_u = exp(-L_p) + exp(-L_n), where L is the mean NLL per completion token (nats per token). Every "
-            "intervention is swept over m = r x m_trained; m_trained is the median of the training grid for "
-            "SFT/SPLIT and, for the others, the strength that adds DiffMean's norm per position.",
-            f"Run {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} with {torch.get_num_threads()} torch "
-            f"threads; settings: {json.dumps(settings.to_json())}.",
-        ],
-        notes=[data.sae_note] if data.sae_note else [],
-    )
-    sections = [overview]
-
-    comp = ComparisonResult(
-        PreferenceUtilityResult(pu.table[pu.table["label"].isin(comparison["condition"])], "mean", 1e-6),
-        comparison,
-        1.0,
-    )
-    comp_png = figures / "comparison.png"
-    comp.plot(comp_png, title=f"{data.name}: preference against utility, {hook}")
-    rel = pu.table.copy()
-    scale = dict(zip(comparison["condition"], comparison["m_trained"], strict=True))
-    rel["m"] = [
-        m / scale.get(label, 1.0) if label in scale else m for label, m in zip(rel["label"], rel["m"], strict=True)
-    ]
-    rel_result = PreferenceUtilityResult(rel, "mean", 1e-6)
-    sweep_png = figures / "preference_utility.png"
-    rel_result.plot(sweep_png, title=f"{data.name}: log-odds against relative strength m / m_trained")
-    fits = []
-    for label in rel_result.labels if settings.decay_fit else []:
-        if label == "prompting":
-            continue
-        try:
-            fit = PreferenceUtilityResult(rel[rel["label"] == label], "mean", 1e-6).fit_decay()[label]
-            params = {f"{kind}_{k}": v for kind in ("pref", "util") for k, v in fit[kind].params.items()}
-            fits.append({"condition": label, "R2 PrefOdds": fit["pref"].r2, "R2 UtilOdds": fit["util"].r2} | params)
-        except (ValueError, RuntimeError) as exc:
-            fits.append({"condition": label, "R2 PrefOdds": math.nan, "R2 UtilOdds": math.nan, "note": str(exc)})
-    # two means; the bootstrapped summary of every condition is not needed for them
-    prompting = pu.table.loc[pu.table["label"] == "prompting", ["pref_odds", "util_odds"]].mean().to_frame().T
-    prompting = prompting.dropna()
-    shown = comparison[
-        ["condition", "m_trained", "pref_odds", "d_pref", "util_odds", "d_util", "m_low", "m_high", "train_s"]
-    ]
-    section = html.Section(
-        "Methods compared: preference and utility",
-        paragraphs=[
-            "Each row: the intervention at the strength it was made for (m_trained), mean PrefOdds and UtilOdds "
-            "over the test pairs and their change from m = 0; [m_low, m_high]: the strengths around 0 where "
-            "UtilOdds stays within 1 nat of its clean value; train_s: seconds to build the intervention."
-        ]
-        + (
-            [
-                f"Prompting ({settings.instruction!r}) without steering: PrefOdds "
-                f"{float(prompting['pref_odds'].iloc[0]):.3f}, UtilOdds {float(prompting['util_odds'].iloc[0]):.3f}."
-            ]
-            if len(prompting)
-            else []
-        ),
-        tables=[
-            ("", table("comparison", shown)),
-            (
-                "Decay-model fits on m / m_trained (8 free parameters for 9 strengths: an R^2 near 1 is "
-                "expected and is no evidence on its own; the parameters are in decay_fits.csv)",
-                table("decay_fits", pd.DataFrame(fits)).iloc[:, :3],
-            ),
-        ],
-        figures=[
-            html.Figure(
-                comp_png,
-                "Preference against utility along each method's sweep; star: at m_trained. "
-                "Look for: stars high (preference) and far right (utility kept).",
-            ),
-            html.Figure(
-                sweep_png,
-                "PrefOdds (solid) and UtilOdds (dashed) against m / m_trained with 95% CIs. "
-                "Look for: preference rising with m while utility falls away from m = 0.",
-            ),
-        ],
-    )
-    sections.append(section)
-    files += [comp_png, sweep_png]
-    table("preference_utility", pu.table)
-    summary["comparison"] = comparison.to_dict(orient="records")
-
-    if manifold is not None:
-        png = figures / "manifold.png"
-        _plot_manifold(manifold, png)
-        files.append(png)
-        sections.append(
-            html.Section(
-                "Distance from the clean activations (manifold probe)",
-                paragraphs=[
-                    "Mahalanobis distance (Ledoit-Wolf) of the steered residual stream at the hook, as the "
-                    "percentile among held-out clean tokens (0.5 = typical clean token), with UtilOdds, per strength."
-                ],
-                tables=[("", table("manifold", manifold))],
-                figures=[
-                    html.Figure(
-                        png,
-                        "Distance percentile (left) and UtilOdds (right) against m / m_trained. "
-                        "Look for: whether utility falls where the distance rises.",
-                    )
-                ],
-            )
-        )
-    if gap is not None:
-        png = figures / "capability_gap.png"
-        gap.plot(png, title=f"{data.name}: capability-behaviour gap")
-        files.append(png)
-        gsum = gap.summary()
-        tests = gap.tests()
-        matched = gap.matched() if "prompting" in set(gsum["condition"]) else pd.DataFrame()
-        sections.append(
-            html.Section(
-                "Capability-behaviour gap",
-                paragraphs=[
-                    f"Capability: accuracy on {len(data.items)} multiple-choice questions, each option scored by its "
-                    "likelihood. Behaviour: PrefOdds gain over no steering. Paired tests against no steering "
-                    "(Wilcoxon for log-odds, exact McNemar for accuracy), Bonferroni-corrected."
-                ],
-                tables=[
-                    ("Per condition and strength", table("gap_summary", gsum)),
-                    ("Matched to prompting's behaviour gain", table("gap_matched", matched)),
-                    ("Tests against no steering", table("gap_tests", tests)),
-                ],
-                figures=[
-                    html.Figure(
-                        png,
-                        "Behaviour gain against accuracy change, 95% CIs. Look for: steering "
-                        "below prompting at the same behaviour gain (the gap).",
-                    )
-                ],
-            )
-        )
-        summary["gap_matched"] = matched.to_dict(orient="records")
-    if ranking is not None:
-        measured = ranking.dropna(subset=["d_pref"])
-        sections.append(
-            html.Section(
-                "Choosing the SAE feature",
-                paragraphs=[
-                    "Input score: AUROC of the feature's activation for positive against negative completions. "
-                    "Output score: logit lens of its decoder direction onto the concept's tokens. d_pref: the "
-                    "measured PrefOdds change when the feature alone is added at DiffMean's norm."
-                ],
-                tables=[("Measured candidates", table("sae_candidates", measured))],
-            )
-        )
-    return sections, summary
-
-
-def _plot_manifold(frame: pd.DataFrame, path: Path) -> None:
-    from tl_steer.analysis.plots import _pyplot, finish_figure
-
-    plt = _pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
-    label_col = "label" if "label" in frame else frame.columns[0]
-    for label, part in frame.groupby(label_col, sort=False):
-        r = part["r"].to_numpy()
-        dist_col = next((c for c in part.columns if "mahalanobis" in c and "pct" in c), None)
-        if dist_col is not None:
-            a.plot(r, part[dist_col], "-o", ms=3, label=str(label))
-        if "util_odds" in part:
-            b.plot(r, part["util_odds"], "-o", ms=3, label=str(label))
-    a.set_xlabel("m / m_trained")
-    a.set_ylabel("Mahalanobis distance percentile among clean tokens")
-    b.set_xlabel("m / m_trained")
-    b.set_ylabel("UtilOdds (nats per token)")
-    a.legend(fontsize=7)
-    b.legend(fontsize=7)
-    fig.suptitle("Distance from the clean activations and utility against strength")
-    finish_figure(fig, path, "Look for: utility falling where the distance rises.", bottom=0.04, top=0.95)
-
-
-__all__ = ["METHODS", "ReportData", "ReportResult", "ReportSettings", "run_report"]
+__all__ = ["METHODS", "SIZES", "ReportData", "ReportResult", "ReportSettings", "run_report"]

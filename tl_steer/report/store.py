@@ -1,15 +1,16 @@
 """The report's results on disk, step by step, so that a run that was interrupted resumes where it stopped.
 
 Every finished step writes its result under ``DIR/cache/`` (CSV for tables, JSON for small records,
-safetensors for interventions) through a temporary file and a rename, so a file is either complete or
-absent. The run's settings are kept in ``DIR/cache/settings.json``: resuming with other settings is
-refused rather than mixing results of two configurations.
+safetensors for interventions) through a temporary file and a rename
+(:func:`tl_steer.atomic.atomic_write`), so a file is either complete or absent, and a failed write is a
+:class:`~tl_steer.errors.SaveError` naming the file. The run's settings are kept in
+``DIR/cache/settings.json``: resuming with other settings is refused rather than mixing results of two
+configurations.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from tl_steer.errors import ConfigError
+from tl_steer.atomic import atomic_write
+from tl_steer.errors import ConfigError, SaveError
 from tl_steer.interventions import Intervention
 from tl_steer.io import load, save
 
@@ -47,7 +49,10 @@ class Store:
     def __init__(self, root: Path, settings: dict[str, Any]) -> None:
         self.root = Path(root)
         self.cache = self.root / "cache"
-        self.cache.mkdir(parents=True, exist_ok=True)
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SaveError(f"could not create the report's folder {self.cache}: {exc.strerror or exc}") from exc
         path = self.cache / "settings.json"
         if path.exists():
             saved = _read_json(path)
@@ -62,9 +67,7 @@ class Store:
 
     @staticmethod
     def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-        tmp = path.with_name(f".partial-{path.name}")  # same suffix: save() keys on it
-        write(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, write, what="the report's cached result")
 
     def has(self, key: str, suffix: str) -> bool:
         return (self.cache / f"{_name(key)}{suffix}").exists()
@@ -94,7 +97,7 @@ class Store:
         if path.exists():
             return load(path, model=model)
         iv = compute()
-        self._atomic(path, lambda p: save(iv, p))
+        save(iv, path)  # atomic itself
         return iv
 
     def clear(self) -> None:

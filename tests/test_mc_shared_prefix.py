@@ -1,0 +1,115 @@
+"""Multiple-choice scoring with each question's prefix shared across its options (a KV cache) and the
+unembedding only where an option token is scored: equal to the full-sequence path, steered or not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, MC_QUESTIONS, make_model, no_hooks_left
+
+from tl_steer import AddVector
+from tl_steer.analysis.capability import mc_accuracy, mc_option_nll
+from tl_steer.data import MCItem
+
+ITEMS = [
+    *(MCItem(*t) for t in MC_QUESTIONS),
+    MCItem("The food was", ("awful", "fine"), 1),  # fewer options
+    MCItem("What is the weather?", ("fine today", "cold and wet", "wide"), 0),
+]
+
+
+def vector(model, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(model.cfg.d_model, generator=g, dtype=torch.float64).to(model.cfg.dtype)
+
+
+def both(model, **kwargs):
+    fast = mc_option_nll(model, ITEMS, batch_size=3, **kwargs)
+    slow = mc_option_nll(model, ITEMS, batch_size=5, shared_prefix=False, **kwargs)
+    return fast, slow
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def model(request):
+    return make_model(request.param)
+
+
+@pytest.mark.parametrize("normalize", ["mean", "sum"])
+def test_unsteered_equals_the_full_sequence_path(model, one_thread, normalize):
+    fast, slow = both(model, normalize=normalize)
+    assert torch.isinf(fast[5, 2:]).all() and torch.isinf(fast[6, 3:]).all()
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["all", "prompt", "generated", "last_prompt"])
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"])
+def test_steered_equals_the_full_sequence_path_under_every_position_policy(model, one_thread, policy, hook):
+    iv = AddVector(hook, vector(model), positions=policy)
+    fast, slow = both(model, interventions=[iv], m=1.5, instruction="Answer well.")
+    clean, _ = both(model, instruction="Answer well.")
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+    # The steering did something, so the equality is not the clean model twice.
+    assert (fast[torch.isfinite(fast)] - clean[torch.isfinite(clean)]).abs().max() > 1e-3
+    assert no_hooks_left(model)
+
+
+def test_a_hook_after_the_blocks_falls_back_to_the_full_path(one_thread):
+    model = make_model("llama")
+    iv = AddVector("ln_final.hook_normalized", vector(model, scale=0.5), positions="generated")
+    fast, slow = both(model, interventions=[iv])
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
+
+
+def test_the_unembedding_runs_only_where_an_option_token_is_scored(one_thread):
+    model = make_model("gpt2")
+    seen: list[int] = []
+    handle = model.unembed.register_forward_hook(lambda mod, args, out: seen.append(out.shape[0] * out.shape[1]))
+    try:
+        mc_option_nll(model, ITEMS, normalize="sum")
+        fast = sum(seen)
+        seen.clear()
+        mc_option_nll(model, ITEMS, normalize="sum", shared_prefix=False)
+        slow = sum(seen)
+    finally:
+        handle.remove()
+    from tl_steer.analysis.capability import format_mc_prompt, mc_completions
+    from tl_steer.scoring import tokenize_completions
+
+    prompts = [format_mc_prompt(i) for i in ITEMS for _ in i.options]
+    data = tokenize_completions(model, prompts, [c for i in ITEMS for c in mc_completions(i)])
+    scored = sum(len(s) - st for s, st in zip(data.sequences, data.starts, strict=True))
+    assert fast == scored  # one unembedded position per scored option token
+    assert slow > 2 * fast  # the full path unembeds every (padded) position
+
+
+def test_accuracy_is_the_same_on_both_paths(one_thread):
+    model = make_model("llama")
+    iv = AddVector("blocks.1.hook_resid_post", vector(model), positions="generated")
+    a = mc_accuracy(model, ITEMS, interventions=[iv], m=1.0)
+    b = mc_accuracy(model, ITEMS, interventions=[iv], m=1.0, shared_prefix=False)
+    assert torch.equal(a.chosen, b.chosen) and a.accuracy == b.accuracy
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_questions_of_different_lengths_in_one_pass(one_thread, batch_size):
+    # batch_size 16: all seven questions (prefixes of 4..11 tokens) in one question pass and one option pass.
+    model = make_model("neox")
+    iv = AddVector("blocks.1.hook_resid_post", vector(model), positions="last_prompt")
+    fast = mc_option_nll(model, ITEMS, interventions=[iv], batch_size=batch_size)
+    slow = mc_option_nll(model, ITEMS, interventions=[iv], shared_prefix=False)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+
+
+def test_a_one_token_prompt_and_a_position_mask_take_the_full_path(one_thread):
+    from tl_steer.analysis.capability import _shared_prefix_nll
+    from tl_steer.scoring import Tokenized, score_tokenized
+
+    model = make_model("gpt2")
+    data = Tokenized([[5, 6, 7], [5, 8], [9, 10, 11, 12], [9, 10, 13]], [1, 1, 3, 2])
+    fast = _shared_prefix_nll(model, data, [[0, 1], [2, 3]], "mean", 16)
+    torch.testing.assert_close(fast, score_tokenized(model, data), rtol=0, atol=1e-5)
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[3:] = True
+    iv = AddVector("blocks.1.hook_resid_post", vector(model), positions=mask)
+    fast, slow = both(model, interventions=[iv])
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
