@@ -385,7 +385,7 @@ def plot_layer_sweep(
         image = ax.imshow(values, cmap=cmap, vmin=-bound, vmax=bound, aspect="auto", origin="lower")
         ax.set_xticks(range(grid.shape[1]), [f"{m:g}" for m in grid.columns])
         ax.set_yticks(range(grid.shape[0]), [str(layer) for layer in grid.index])
-        ax.set_xlabel("steering strength m (1 = the strength the method made)")
+        ax.set_xlabel("steering strength m (1 = the strength it was made for)")
         ax.set_ylabel("layer")
         ax.set_title(name, fontsize=9)
         digits = 1 if bound >= 10 else 2
