@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,7 +64,9 @@ def _store(ctx: ReportContext) -> Store | None:
     return None
 
 
-def generation_sweep_for_report(ctx: ReportContext) -> tuple[GenerationSweepResult, list[str]]:
+def generation_sweep_for_report(
+    ctx: ReportContext, log: Callable[[str], None] = lambda _: None
+) -> tuple[GenerationSweepResult, list[str]]:
     """Generate and judge (cached per condition) at the strengths :data:`GEN_STRENGTHS`."""
     n_prompts, n_new = gen_size(ctx)
     prompts = report_prompts(ctx, n_prompts)
@@ -90,6 +93,7 @@ def generation_sweep_for_report(ctx: ReportContext) -> tuple[GenerationSweepResu
     frames = []
     for c in conditions:
         frame = cached(f"generation/{c.name}/texts", lambda c=c: run(c))
+        log(f"steered text: {c.name} generated and judged")
         frame["completion"] = frame["completion"].fillna("").astype(str)  # an empty text reads back as NaN
         frames.append(frame)
     info = cached("generation/probe", lambda: judges()[0].info())

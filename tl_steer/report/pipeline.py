@@ -61,6 +61,7 @@ from tl_steer.methods.diffmean import diffmean
 from tl_steer.methods.sae import rank_features, sae_feature
 from tl_steer.methods.split import FORMS, Form, sft, split
 from tl_steer.report import html
+from tl_steer.report.generation_section import generation_sweep_for_report
 from tl_steer.report.sections import ReportContext, build_sections
 from tl_steer.report.store import Store
 
@@ -176,7 +177,7 @@ class ReportResult:
 
 
 def _steps(settings: ReportSettings) -> list[str]:
-    return ["interventions", "preference-utility", "manifold", "gap", "write"]
+    return ["interventions", "preference-utility", "manifold", "gap", "steered text", "write"]
 
 
 def build_interventions(
@@ -341,10 +342,16 @@ def run_report(
     gap = _gap(model, data, settings, interventions, store, log) if data.items else None
     bar.update()
 
-    bar.set_postfix_str("writing")
     context = ReportContext(
         out, model, data, settings, interventions, comparison, pu, manifold, gap, ranking, files, store=store
     )
+    bar.set_postfix_str("steered text")
+    # generated and judged here, one progress line per condition, and cached: the section reads the cache
+    if interventions:
+        generation_sweep_for_report(context, log)
+    bar.update()
+
+    bar.set_postfix_str("writing")
     sections = build_sections(context)
     summary = context.summary
     summary["runtime_s"] = time.perf_counter() - started
