@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 #: strengths generated (m = 1 is each intervention's own strength; the clean model is m = 0)
 GEN_STRENGTHS = (1.0, 2.0)
 #: (prompts, new tokens) per report size
-GEN_SIZES = {"quick": (3, 12), "standard": (8, 24), "full": (16, 32)}
+GEN_SIZES = {"quick": (3, 12), "standard": (6, 16), "full": (16, 32)}
 N_SHOWN = 3  # prompts whose texts are shown side by side
 CUT = 160  # characters of a text shown in the side-by-side table
 
@@ -220,7 +220,9 @@ def generation_section(ctx: ReportContext) -> html.Section | None:
         ],
         tables=[
             html.Table(
-                "Texts of the first 3 prompts (″: the clean text above)", side_by_side_table(result.items, prompts)
+                "Texts of the first 3 prompts (″: the clean text above)",
+                side_by_side_table(result.items, prompts),
+                prose=True,
             ),
             html.Table("Judged scores per method and strength (generation_summary.csv)", scores_table(summary)),
             html.Table(
@@ -232,6 +234,7 @@ def generation_section(ctx: ReportContext) -> html.Section | None:
                 "Every text in full (generation_texts.csv)",
                 side_by_side_table(result.items, prompts, cut=False),
                 folded=True,
+                prose=True,
             ),
         ],
         notes=notes,

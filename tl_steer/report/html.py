@@ -23,6 +23,7 @@ figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; 
 figcaption { font-size: .9em; color: #444; margin-top: .3em; }
 .note { color: #8a5a00; } code { background: #f4f4f4; padding: 0 .2em; }
 .findings li { margin: .3em 0; }
+table.prose td { white-space: normal; text-align: left; vertical-align: top; min-width: 7em; }
 """
 
 
@@ -61,6 +62,8 @@ class Table:
     title: str
     frame: pd.DataFrame
     folded: bool = False
+    #: cells of text (e.g. generated completions): left-aligned and wrapped, so the table fits the page
+    prose: bool = False
 
 
 @dataclass
@@ -97,7 +100,9 @@ def _figure(fig: Figure) -> str:
 def _table(table: Table) -> str:
     # headers may wrap (at spaces: the CSV's underscores are shown as spaces), cells do not
     frame = table.frame.rename(columns=lambda c: str(c).replace("_", " "))
-    body = frame.to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="–", border=0)
+    body = frame.to_html(
+        index=False, float_format=lambda x: f"{x:.3f}", na_rep="–", border=0, classes="prose" if table.prose else None
+    )
     body = f"<div class='table-wrap'>{body}</div>"  # a wide table scrolls inside its box, not the page
     title = html.escape(table.title)
     if table.folded:
