@@ -48,7 +48,13 @@ def repository_files() -> list[Path]:
             check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
-        pytest.skip("not a git checkout: the list of repository files is unknown")
+        # not a git checkout (e.g. an unpacked source archive): every file outside build and cache folders
+        skip = {".git", ".venv", ".venv-peer", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", "report"}
+        return [
+            p
+            for p in ROOT.rglob("*")
+            if p.is_file() and not any(part in skip or part.endswith(".egg-info") for part in p.relative_to(ROOT).parts)
+        ]
     return [ROOT / name for name in out.decode().split("\0") if name and (ROOT / name).is_file()]
 
 
