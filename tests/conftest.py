@@ -239,6 +239,108 @@ def _process_weights_in_place_dtype(
     return state_dict
 
 
+# ----- the same tiny models as TransformerLens 3.9+ TransformerBridges (TransformerLens' current class) -------
+# A bridge wraps a Hugging Face model, so these start from tiny random Hugging Face models. hooked_from_hf turns
+# the same Hugging Face model into a HookedTransformer with the same weights (make_host_pair).
+BRIDGE_ARCHITECTURES = ("llama", "gpt2", "neox")
+
+
+def make_hf(arch: str = "llama", *, seed: int = 0, d_model: int = 32, dtype: torch.dtype = torch.float64) -> Any:
+    """A tiny random Hugging Face causal LM (3 layers) over :func:`make_tokenizer`'s vocabulary."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    vocab = len(make_tokenizer())
+    special = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if arch == "llama":
+        cfg: Any = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            initializer_range=0.2,
+            **special,
+        )
+        hf: Any = LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=vocab, n_positions=128, n_embd=d_model, n_layer=3, n_head=4, initializer_range=0.2, **special
+        )
+        hf = GPT2LMHeadModel(cfg)
+    elif arch == "neox":
+        cfg = GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+            initializer_range=0.2,
+            **special,
+        )
+        hf = GPTNeoXForCausalLM(cfg)
+    else:
+        raise ValueError(f"no tiny Hugging Face model for {arch!r}; use one of {BRIDGE_ARCHITECTURES}")
+    return hf.to(dtype).eval()
+
+
+def make_bridge(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float64, hf: Any = None) -> Any:
+    """The tiny Hugging Face model of :func:`make_hf` booted into a TransformerBridge (offline), with
+    ``default_prepend_bos=True`` as :func:`make_model` (the bridge's own default)."""
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = make_hf(arch, seed=seed, dtype=dtype) if hf is None else hf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            f"tiny-{arch}-{seed}", hf_model=hf, tokenizer=make_tokenizer(), dtype=dtype
+        )
+    bridge.cfg.model_name = f"tiny-{arch}-{seed}"
+    bridge.cfg.default_prepend_bos = True  # as make_model (the bridge reads it from the tokenizer otherwise)
+    bridge.eval()
+    return bridge
+
+
+def make_host_pair(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[Any, Any]:
+    """(HookedTransformer, TransformerBridge) with the same weights: one Hugging Face model, converted by
+    TransformerLens' weight conversion (tl_steer.hooked_from_hf) and wrapped by the bridge."""
+    import tl_steer
+
+    hf = make_hf(arch, seed=seed, dtype=dtype)
+    hooked = tl_steer.hooked_from_hf(
+        hf, make_tokenizer(), dtype=dtype, default_prepend_bos=True, model_name=f"tiny-{arch}-{seed}"
+    )
+    return hooked, make_bridge(arch, seed=seed, dtype=dtype, hf=hf)
+
+
+@pytest.fixture(scope="session")
+def tiny_bridge() -> Any:
+    return make_bridge("llama")
+
+
+@pytest.fixture(scope="session", params=["hooked", "bridge"])
+def tiny_host(request: pytest.FixtureRequest) -> Any:
+    """The tiny Llama-style model on either host (tests that must pass on both take this fixture)."""
+    return make_model("llama") if request.param == "hooked" else make_bridge("llama")
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Any:
     """One torch thread for a module of tiny-model tests: tiny float64 matmuls run many times slower with

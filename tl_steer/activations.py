@@ -8,18 +8,18 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.errors import ConfigError
 from tl_steer.hookpoints import HookSite, validate_hook
+from tl_steer.hosts import Host
 from tl_steer.scoring import Tokenized, batches, max_batch_tokens, pad_right, pad_token_id
 
 Reduce = Literal["mean", "last"]
 
 
 def completion_activations(
-    model: HookedTransformer,
+    model: Host,
     data: Tokenized,
     hook: str,
     *,

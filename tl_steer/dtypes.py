@@ -18,34 +18,35 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from tl_steer.hosts import Host
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT16_LOSS_SCALE = 2.0**10
 
 
-def model_dtype(model: HookedTransformer) -> torch.dtype:
+def model_dtype(model: Host) -> torch.dtype:
     """The dtype the model computes in (``cfg.dtype``, which ``model.to(dtype)`` updates)."""
     return model.cfg.dtype
 
 
-def is_half(model: HookedTransformer) -> bool:
+def is_half(model: Host) -> bool:
     """True for a model in float16 or bfloat16."""
     return model_dtype(model) in HALF_DTYPES
 
 
-def master_dtype(model: HookedTransformer) -> torch.dtype:
+def master_dtype(model: Host) -> torch.dtype:
     """float64 for a float64 model, else float32: the dtype of learned and estimated tensors."""
     return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
 
 
-def loss_scale(model: HookedTransformer) -> float:
+def loss_scale(model: Host) -> float:
     """The factor the loss is multiplied by before a backward pass through the model (1 unless float16)."""
     return FLOAT16_LOSS_SCALE if model_dtype(model) == torch.float16 else 1.0
 
 
 def scaled_grad(
-    loss: Tensor, inputs: Sequence[Tensor], model: HookedTransformer, *, allow_unused: bool = False
+    loss: Tensor, inputs: Sequence[Tensor], model: Host, *, allow_unused: bool = False
 ) -> list[Tensor | None]:
     """``torch.autograd.grad(loss, inputs)`` in :func:`master_dtype`, computed with :func:`loss_scale`.
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import pandas as pd
 import torch
-from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.gap import BASELINE, Condition
 from tl_steer.errors import ConfigError, DataError
+from tl_steer.hosts import Host
 from tl_steer.interventions import Intervention, check_grid
 from tl_steer.scoring import check_positive_int, format_prompt
 from tl_steer.steering import steer
@@ -112,7 +112,7 @@ class _Plan:
 
 
 def _plan(
-    model: HookedTransformer, conds: list[Condition], prompts: list[str], grid: list[float], max_new: int, chat: bool
+    model: Host, conds: list[Condition], prompts: list[str], grid: list[float], max_new: int, chat: bool
 ) -> list[_Plan]:
     """Everything checked before the first token is generated: interventions against the model, and every
     formatted prompt plus ``max_new_tokens`` against the context."""
@@ -140,7 +140,7 @@ def _plan(
 
 
 def generate(
-    model: HookedTransformer,
+    model: Host,
     conditions: ConditionsLike,
     prompts: Sequence[str],
     ms: Sequence[float] = (1.0,),
@@ -236,7 +236,7 @@ def kv_cache_ok(iv: Intervention | None) -> bool:
 
 
 def _generate_batch(
-    model: HookedTransformer,
+    model: Host,
     texts: list[str],
     max_new: int,
     *,

@@ -10,9 +10,8 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from transformer_lens import HookedTransformer
-
 from tl_steer.errors import HookNameError
+from tl_steer.hosts import Host
 from tl_steer.sae_splicing import check_spliced
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -53,7 +52,7 @@ _FLAGGED = (
 )
 
 
-def validate_hook(model: HookedTransformer, name: str) -> str:
+def validate_hook(model: Host, name: str) -> str:
     """Return ``name`` if the model has that hook point and runs it in a forward pass, else raise a
     :class:`HookNameError` with the reason this architecture lacks it (when known) and the closest
     valid names."""
@@ -79,7 +78,7 @@ def validate_hook(model: HookedTransformer, name: str) -> str:
     )
 
 
-def _missing_reason(model: HookedTransformer, name: str) -> str:
+def _missing_reason(model: Host, name: str) -> str:
     """Why this model's architecture has no hook point ``name`` (a sentence with a leading space), or ""."""
     cfg = model.cfg
     match = _BLOCK.match(name)

@@ -36,11 +36,11 @@ from typing import Any, ClassVar, TypeVar, cast
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.errors import ConfigError, DataError, HookNameError, ModelMismatchError, ShapeError
 from tl_steer.hookpoints import HookSite, validate_hook
+from tl_steer.hosts import Host, check_host
 from tl_steer.models import model_identity
 from tl_steer.overflow import check_steered
 from tl_steer.positions import PositionPolicy, PositionsLike, PositionState, steer_mask
@@ -196,7 +196,7 @@ class Intervention(ABC):
         """The hook points this intervention edits."""
 
     @abstractmethod
-    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
+    def _edits(self, model: Host | None) -> list[tuple[str, EditEntry]]:
         """(hook name, edit) pairs; ``edit(activation, hook, raw)`` returns the delta to add at raw
         strength ``raw`` (``m * unit``), or the entry is a :class:`ReadOnly` reader. ``model`` is the
         model being steered; it is ``None`` only for kinds that do not declare :attr:`needs_model`."""
@@ -224,7 +224,7 @@ class Intervention(ABC):
         return min(HookSite.parse(name).first_layer(n_layers) for name in self.hook_names)
 
     def hooks(
-        self, m: float = 1.0, *, model: HookedTransformer | None = None, n_layers: int | None = None
+        self, m: float = 1.0, *, model: Host | None = None, n_layers: int | None = None
     ) -> list[tuple[str, HookFn]]:
         """A ``fwd_hooks`` list for ``model.run_with_hooks`` or ``model.hooks`` at strength m.
 
@@ -246,7 +246,7 @@ class Intervention(ABC):
         self,
         m_rows: Float[Tensor, " batch"],
         *,
-        model: HookedTransformer | None = None,
+        model: Host | None = None,
         n_layers: int | None = None,
     ) -> list[tuple[str, HookFn]]:
         """Like :meth:`hooks`, with one strength per batch row (for trainers that draw m per example).
@@ -267,18 +267,16 @@ class Intervention(ABC):
         raw = cast(float, m_rows.view(-1, 1, 1) * self.unit)
         return self._build_hooks(raw, model, _n_layers(model, n_layers))
 
-    def _check_model_argument(self, model: HookedTransformer | None) -> None:
-        if model is not None and not isinstance(model, HookedTransformer):
-            raise TypeError(f"model must be a HookedTransformer, got {type(model).__name__}")
+    def _check_model_argument(self, model: Host | None) -> None:
+        if model is not None:
+            check_host(model)
         if model is None and self.needs_model:
             raise ConfigError(
                 f"{type(self).__name__} needs the model it steers to build its hooks (kind {self.kind!r} "
                 "declares needs_model): call .hooks(m, model=model), or use tl_steer.steer(model, ...)"
             )
 
-    def _build_hooks(
-        self, raw: float, model: HookedTransformer | None, n_layers: int | None
-    ) -> list[tuple[str, HookFn]]:
+    def _build_hooks(self, raw: float, model: Host | None, n_layers: int | None) -> list[tuple[str, HookFn]]:
         hooks: list[tuple[str, HookFn]] = []
         for name, edit in self._edits(model):
             if isinstance(edit, ReadOnly):
@@ -314,7 +312,7 @@ class Intervention(ABC):
 
         return hook_fn
 
-    def check(self, model: HookedTransformer) -> None:
+    def check(self, model: Host) -> None:
         """Raise before any work if this intervention does not fit ``model``.
 
         Checks, when the intervention records the model it was made for, that model's identity; then
@@ -339,7 +337,7 @@ class Intervention(ABC):
         )
 
 
-def _n_layers(model: HookedTransformer | None, n_layers: int | None) -> int | None:
+def _n_layers(model: Host | None, n_layers: int | None) -> int | None:
     if n_layers is not None:
         warnings.warn(
             "hooks(..., n_layers=) is deprecated and will be removed; pass model= instead",
@@ -349,7 +347,7 @@ def _n_layers(model: HookedTransformer | None, n_layers: int | None) -> int | No
     return model.cfg.n_layers if model is not None else n_layers
 
 
-def check_identity(saved: dict[str, Any], model: HookedTransformer) -> None:
+def check_identity(saved: dict[str, Any], model: Host) -> None:
     """Raise :class:`ModelMismatchError` if ``saved`` (a :func:`model_identity`) is not ``model``'s."""
     current = model_identity(model)
     for key in ("d_model", "n_layers", "d_vocab", "n_heads"):
@@ -366,10 +364,10 @@ def check_identity(saved: dict[str, Any], model: HookedTransformer) -> None:
         )
 
 
-_WIDTHS: weakref.WeakKeyDictionary[HookedTransformer, dict[str, int]] = weakref.WeakKeyDictionary()
+_WIDTHS: weakref.WeakKeyDictionary[Host, dict[str, int]] = weakref.WeakKeyDictionary()
 
 
-def hook_widths(model: HookedTransformer, names: tuple[str, ...] | list[str]) -> dict[str, int]:
+def hook_widths(model: Host, names: tuple[str, ...] | list[str]) -> dict[str, int]:
     """The last-dimension width of the activation at each hook, from one forward pass of 2 tokens."""
     known = _WIDTHS.setdefault(model, {})
     missing = [n for n in names if n not in known]
@@ -434,7 +432,7 @@ class AddVector(Intervention):
     def hook_names(self) -> tuple[str, ...]:
         return (self.hook,)
 
-    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
+    def _edits(self, model: Host | None) -> list[tuple[str, EditEntry]]:
         vector = self.vector
 
         def edit(activation: Tensor, hook: HookPoint, m: float) -> Tensor:

@@ -26,12 +26,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_steer.atomic import atomic_write
 from tl_steer.digests import tensors_digest
 from tl_steer.errors import ConfigError, FileFormatError, ShapeError, TlSteerError
 from tl_steer.hookpoints import validate_hook
+from tl_steer.hosts import Host
 from tl_steer.interventions import Intervention, check_identity, check_unit, hook_widths, registry
 from tl_steer.positions import POLICIES
 
@@ -237,7 +237,7 @@ def check_identity_field(path: str | Path, identity: object) -> dict[str, Any] |
 
 def check_against_model(
     path: str | Path,
-    model: HookedTransformer,
+    model: Host,
     identity: dict[str, Any] | None,
     hooks: list[str],
     widths: dict[str, int],
@@ -293,7 +293,7 @@ def _check_common(path: Path, meta: dict[str, Any]) -> tuple[type[Intervention],
     return cls, hooks, widths
 
 
-def load(path: str | Path, model: HookedTransformer | None = None) -> Intervention:
+def load(path: str | Path, model: Host | None = None) -> Intervention:
     """Read an intervention saved by :func:`save`.
 
     With ``model``, also check that it fits that model (same identity, hook names and widths, from the

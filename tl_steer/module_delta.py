@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.dtypes import master_dtype
 from tl_steer.errors import ConfigError, DataError, ShapeError
+from tl_steer.hosts import Host
 from tl_steer.interventions import EditEntry, Intervention, ReadOnly
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionsLike
@@ -134,7 +134,7 @@ class ModuleDelta(Intervention):
         """The learnable tensors (the same objects the intervention uses, so a trainer can update them)."""
         return list(self.tensors().values())
 
-    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
+    def _edits(self, model: Host | None) -> list[tuple[str, EditEntry]]:
         recorder = _Recorder()
         where = f"{type(self).__name__} at layer {self.layer}"
 
@@ -206,7 +206,7 @@ class LoRA(ModuleDelta):
     @classmethod
     def for_model(
         cls,
-        model: HookedTransformer,
+        model: Host,
         layer: int,
         rank: int = 4,
         *,
@@ -292,7 +292,7 @@ class LocalWeight(ModuleDelta):
     @classmethod
     def for_model(
         cls,
-        model: HookedTransformer,
+        model: Host,
         layer: int,
         *,
         positions: PositionsLike | None = None,

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from tl_steer.hosts import Host
 from tl_steer.scoring import Tokenized, batches, max_batch_tokens, pad_right, pad_token_id
 
 
-def reusable_start(model: HookedTransformer, first_layer: int) -> int | None:
+def reusable_start(model: Host, first_layer: int) -> int | None:
     """The block ``first_layer`` if a pass can restart there from a cached clean residual, else None (run
     from the embedding): ``0 < first_layer < n_layers`` and no shortformer positional embeddings."""
     if model.cfg.positional_embedding_type == "shortformer":
@@ -41,7 +41,7 @@ class CleanPrefix:
     full pass: the blocks after ``start`` run the same kernels on the same inputs.
     """
 
-    def __init__(self, model: HookedTransformer, first_layer: int, *, enabled: bool = True) -> None:
+    def __init__(self, model: Host, first_layer: int, *, enabled: bool = True) -> None:
         self.model = model
         self.start = reusable_start(model, first_layer) if enabled else None
 
@@ -73,7 +73,7 @@ class PrefixCache:
     the blocks from ``start`` on, and the final norm and unembedding only from the first scored position.
     Where the restart is not exact (:func:`reusable_start`) the blocks run from the embedding."""
 
-    def __init__(self, model: HookedTransformer, data: Tokenized, first_layer: int, batch_size: int) -> None:
+    def __init__(self, model: Host, data: Tokenized, first_layer: int, batch_size: int) -> None:
         self.model, self.data = model, data
         self.pad = pad_token_id(model)
         start = reusable_start(model, first_layer)

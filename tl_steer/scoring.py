@@ -20,10 +20,10 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError, DataError
+from tl_steer.hosts import Host
 from tl_steer.interventions import Intervention
 from tl_steer.positions import prompt_boundary
 from tl_steer.steering import steer
@@ -52,7 +52,7 @@ class Tokenized:
         return tokens, starts, lens
 
 
-def format_prompt(model: HookedTransformer, prompt: str, chat: bool) -> str:
+def format_prompt(model: Host, prompt: str, chat: bool) -> str:
     """The prompt as the model sees it: as given, or wrapped in the tokenizer's chat template as a user
     turn followed by the assistant header (``chat=True``)."""
     if not chat:
@@ -66,7 +66,7 @@ def format_prompt(model: HookedTransformer, prompt: str, chat: bool) -> str:
 
 
 def tokenize_completions(
-    model: HookedTransformer, prompts: Sequence[str], completions: Sequence[str], *, chat: bool = False
+    model: Host, prompts: Sequence[str], completions: Sequence[str], *, chat: bool = False
 ) -> Tokenized:
     """Tokenize each ``prompt + completion`` and find the completion boundary on token ids.
 
@@ -104,7 +104,7 @@ def tokenize_completions(
     return Tokenized(sequences, starts)
 
 
-def pad_token_id(model: HookedTransformer) -> int:
+def pad_token_id(model: Host) -> int:
     """The id used to pad batches: the tokenizer's pad token, else 0 (padding is never attended)."""
     tokenizer = model.tokenizer
     return int(tokenizer.pad_token_id) if tokenizer is not None and tokenizer.pad_token_id is not None else 0
@@ -163,7 +163,7 @@ def logits_budget(n_bytes: int) -> Iterator[None]:
         _LOGITS_BUDGET.reset(token)
 
 
-def max_batch_tokens(model: HookedTransformer) -> int:
+def max_batch_tokens(model: Host) -> int:
     """Padded tokens (rows x longest row) one pass may hold under the current :func:`logits_budget`."""
     return max(1, _LOGITS_BUDGET.get() // (4 * int(model.cfg.d_vocab)))
 
@@ -198,7 +198,7 @@ def batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = No
 
 
 def score_tokenized(
-    model: HookedTransformer,
+    model: Host,
     data: Tokenized,
     *,
     reduction: Reduction = "mean",
@@ -225,7 +225,7 @@ def score_tokenized(
 
 
 def completion_nll(
-    model: HookedTransformer,
+    model: Host,
     prompts: Sequence[str],
     completions: Sequence[str],
     *,
@@ -247,7 +247,7 @@ def completion_nll(
 
 
 def pair_nll(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair],
     *,
     interventions: Sequence[Intervention] = (),

@@ -14,10 +14,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_steer import sae_splicing
 from tl_steer.errors import ConfigError, DataError
+from tl_steer.hosts import Host
 from tl_steer.interventions import HookFn, Intervention, check_strength
 from tl_steer.positions import prompt_boundary
 
@@ -32,7 +32,7 @@ def strengths(interventions: Sequence[Intervention], m: float | Sequence[float])
 
 
 def build_hooks(
-    model: HookedTransformer,
+    model: Host,
     interventions: Sequence[Intervention],
     m: float | Sequence[float] = 1.0,
     *,
@@ -56,12 +56,12 @@ def build_hooks(
 
 @contextmanager
 def steer(
-    model: HookedTransformer,
+    model: Host,
     *interventions: Intervention,
     m: float | Sequence[float] = 1.0,
     check: bool = True,
     sae_site: str = "before",
-) -> Iterator[HookedTransformer]:
+) -> Iterator[Host]:
     """Steer ``model`` with one or more interventions at strength ``m`` inside a ``with`` block.
 
     Args:
@@ -100,7 +100,7 @@ def steer(
             vars(model).pop("generate", None)
 
 
-def _generate_with_boundary(model: HookedTransformer, generate: Any) -> Any:
+def _generate_with_boundary(model: Host, generate: Any) -> Any:
     @functools.wraps(generate)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _check_generation_length(model, args[0] if args else kwargs.get("input"), kwargs)
@@ -110,7 +110,7 @@ def _generate_with_boundary(model: HookedTransformer, generate: Any) -> Any:
     return wrapper
 
 
-def _check_generation_length(model: HookedTransformer, prompt: Any, kwargs: dict[str, Any]) -> None:
+def _check_generation_length(model: Host, prompt: Any, kwargs: dict[str, Any]) -> None:
     """Refuse a generation that would run past the model's context before it starts: TransformerLens
     would otherwise fail with an IndexError deep inside its positional embedding after some tokens."""
     new = kwargs.get("max_new_tokens", 10)

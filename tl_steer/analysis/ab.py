@@ -15,17 +15,17 @@ from contextlib import ExitStack
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_steer.data.ab import LETTERS, ABItem, check_ab_items, format_ab_prompt
 from tl_steer.errors import ConfigError, DataError
+from tl_steer.hosts import Host
 from tl_steer.interventions import InterventionsLike, as_intervention_list
 from tl_steer.positions import prompt_boundary
 from tl_steer.scoring import batches, max_batch_tokens, pad_right, pad_token_id
 from tl_steer.steering import steer
 
 
-def letter_token_ids(model: HookedTransformer) -> dict[str, int]:
+def letter_token_ids(model: Host) -> dict[str, int]:
     """The token id of each answer letter; raise if a letter is not a single token of the tokenizer."""
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -39,7 +39,7 @@ def letter_token_ids(model: HookedTransformer) -> dict[str, int]:
     return out
 
 
-def tokenize_ab(model: HookedTransformer, items: Sequence[ABItem]) -> list[list[int]]:
+def tokenize_ab(model: Host, items: Sequence[ABItem]) -> list[list[int]]:
     """Token ids of each formatted item (with BOS when the model prepends one).
 
     Checks that appending either letter to the prompt adds exactly that letter's token, so the letter
@@ -71,7 +71,7 @@ def tokenize_ab(model: HookedTransformer, items: Sequence[ABItem]) -> list[list[
 
 
 def ab_scores(
-    model: HookedTransformer,
+    model: Host,
     intervention: InterventionsLike,
     items: Sequence[ABItem],
     *,
@@ -110,7 +110,7 @@ def ab_scores(
 
 
 def ab_accuracy(
-    model: HookedTransformer,
+    model: Host,
     intervention: InterventionsLike,
     items: Sequence[ABItem],
     *,

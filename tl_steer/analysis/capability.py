@@ -50,12 +50,12 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.stats import bootstrap_ci
 from tl_steer.data.mc import MCItem, check_mc_items
 from tl_steer.errors import ConfigError
 from tl_steer.hookpoints import HookSite
+from tl_steer.hosts import Host
 from tl_steer.interventions import Intervention, InterventionsLike, as_intervention_list
 from tl_steer.positions import prompt_boundary
 from tl_steer.scoring import (
@@ -95,7 +95,7 @@ def _check_options(normalize: object, batch_size: object, instruction: object, c
 
 
 def mc_option_nll(
-    model: HookedTransformer,
+    model: Host,
     items: Sequence[MCItem],
     *,
     interventions: InterventionsLike = (),
@@ -167,7 +167,7 @@ def mc_option_nll(
     return out
 
 
-def _can_share(model: HookedTransformer, ivs: list[Intervention]) -> bool:
+def _can_share(model: Host, ivs: list[Intervention]) -> bool:
     """Whether the KV-cache path gives the full-sequence result: no shortformer positions (added inside
     attention, not cached as keys), every edited hook inside a block (the final norm and unembedding run on
     the scored positions only, so a hook there would see other positions), and no position given as a
@@ -181,7 +181,7 @@ def _can_share(model: HookedTransformer, ivs: list[Intervention]) -> bool:
     return all(HookSite.parse(name).layer is not None for iv in ivs for name in iv.hook_names)
 
 
-def _kv_cache(model: HookedTransformer, batch: int) -> Any:
+def _kv_cache(model: Host, batch: int) -> Any:
     try:
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as Cache
     except ImportError:  # TransformerLens 2.x
@@ -204,7 +204,7 @@ def _expand_cache(cache: Any, rows: Int[Tensor, " rows"]) -> Any:
 
 
 def _final_logprobs(
-    model: HookedTransformer, final: Float[Tensor, "batch pos d_model"], rows: list[int], cols: list[int]
+    model: Host, final: Float[Tensor, "batch pos d_model"], rows: list[int], cols: list[int]
 ) -> Float[Tensor, "scored vocab"]:
     """Log-probabilities from the final residual at (rows[i], cols[i]) only: final norm, unembedding, soft cap."""
     device = final.device
@@ -219,7 +219,7 @@ def _final_logprobs(
 
 
 def _shared_prefix_nll(
-    model: HookedTransformer, data: Tokenized, groups: list[list[int]], normalize: Normalize, batch_size: int
+    model: Host, data: Tokenized, groups: list[list[int]], normalize: Normalize, batch_size: int
 ) -> Float[Tensor, " n"]:
     """Completion NLL of every row of ``data`` where the rows of each group (one question's options) share
     their prompt. Per chunk of ``batch_size`` questions, two forward passes:
@@ -281,7 +281,7 @@ def _shared_prefix_nll(
     return out
 
 
-def _full_nll(model: HookedTransformer, data: Tokenized, rows: list[int], normalize: Normalize) -> Float[Tensor, " k"]:
+def _full_nll(model: Host, data: Tokenized, rows: list[int], normalize: Normalize) -> Float[Tensor, " k"]:
     """NLL of ``rows`` of ``data`` from full sequences in one pass (the fallback of :func:`_shared_prefix_nll`)."""
     tokens = pad_right([data.sequences[r] for r in rows], pad_token_id(model), model.cfg.device or "cpu")
     starts = torch.as_tensor([data.starts[r] for r in rows], device=tokens.device)
@@ -381,7 +381,7 @@ def mc_result(nll: Float[Tensor, "n n_options"], answer: Int[Tensor, " n"], norm
 
 
 def mc_accuracy(
-    model: HookedTransformer,
+    model: Host,
     items: Sequence[MCItem],
     *,
     interventions: InterventionsLike = (),

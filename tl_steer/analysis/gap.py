@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.ab import ab_scores
 from tl_steer.analysis.capability import mc_accuracy
@@ -43,6 +42,7 @@ from tl_steer.data.ab import ABItem, check_ab_items
 from tl_steer.data.mc import MCItem
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError
+from tl_steer.hosts import Host
 from tl_steer.interventions import Intervention, check_grid
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ def _with_instruction_ab(items: Sequence[ABItem], instruction: str | None) -> li
 
 
 def capability_behavior_gap(
-    model: HookedTransformer,
+    model: Host,
     conditions: Sequence[Condition],
     behavior_pairs: Sequence[ContrastivePair],
     capability_items: Sequence[MCItem],

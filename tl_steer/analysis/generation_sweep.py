@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import stats
-from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.gap import BASELINE, Condition
 from tl_steer.analysis.plots import _pyplot, finish_figure
 from tl_steer.analysis.stats import bootstrap_ci
 from tl_steer.errors import ConfigError, DataError
 from tl_steer.generation import ConditionsLike, as_conditions, check_prompts, generate
+from tl_steer.hosts import Host
 from tl_steer.judges import FluencyJudge, Judge, ProbeJudge, RelevanceJudge, judge_table
 
 #: the per-text columns summarised, in this order, when present
@@ -245,7 +245,7 @@ def add_combined_scores(items: pd.DataFrame) -> pd.DataFrame:
 
 
 def generation_sweep(
-    model: HookedTransformer,
+    model: Host,
     conditions: ConditionsLike,
     prompts: Sequence[str],
     ms: Sequence[float] = (0.0, 1.0, 2.0),
@@ -323,11 +323,11 @@ class TextBehavior:
         if not isinstance(self.judge, ProbeJudge):
             raise ConfigError(f"TextBehavior needs a ProbeJudge, got {type(self.judge).__name__}")
 
-    def check(self, model: HookedTransformer) -> None:
+    def check(self, model: Host) -> None:
         """Raise before any work if the judge was fitted on another model."""
         self.judge.check(model)
 
-    def scores(self, model: HookedTransformer, condition: Condition, m: float) -> np.ndarray:
+    def scores(self, model: Host, condition: Condition, m: float) -> np.ndarray:
         """P(concept | text) of each prompt's completion under ``condition`` at ``m`` (one value per prompt)."""
         table = generate(
             model,

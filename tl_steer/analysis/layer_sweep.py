@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.analysis.preference_utility import DEFAULT_EPS, _tokenize_pairs, odds_frame, warn_clipped
@@ -41,6 +40,7 @@ from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.dtypes import master_dtype
 from tl_steer.errors import ConfigError, DataError
 from tl_steer.hookpoints import HookSite, get_act_name, validate_hook
+from tl_steer.hosts import Host
 from tl_steer.interventions import AddVector, Intervention, check_grid
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionsLike, prompt_boundary
@@ -57,14 +57,12 @@ from tl_steer.scoring import (
 )
 from tl_steer.steering import build_hooks
 
-MethodLike = (
-    Literal["diffmean", "split_vector"] | Callable[[HookedTransformer, Sequence[ContrastivePair], str], Intervention]
-)
+MethodLike = Literal["diffmean", "split_vector"] | Callable[[Host, Sequence[ContrastivePair], str], Intervention]
 BestRule = Literal["max_pref_gain_within_util"]
 
 
 # ----- the grid ----------------------------------------------------------------------------------------
-def layer_hook(model: HookedTransformer, hook: str, layer: int) -> str:
+def layer_hook(model: Host, hook: str, layer: int) -> str:
     """The hook name of ``layer`` for ``hook``: a hook kind (``"resid_post"``, ``"resid_pre"``, ``"mlp_out"``,
     ... as TransformerLens' ``get_act_name``) or a template with ``{layer}`` (``"blocks.{layer}.hook_resid_mid"``),
     validated against the model."""
@@ -85,7 +83,7 @@ def layer_hook(model: HookedTransformer, hook: str, layer: int) -> str:
     return validate_hook(model, name)
 
 
-def check_layers(model: HookedTransformer, layers: object) -> list[int]:
+def check_layers(model: Host, layers: object) -> list[int]:
     """``layers`` as a list of distinct block indices of the model, or a :class:`ConfigError`."""
     n_layers = model.cfg.n_layers
     if isinstance(layers, (str, bytes, numbers.Integral)):
@@ -111,7 +109,7 @@ def check_layers(model: HookedTransformer, layers: object) -> list[int]:
 
 # ----- building the interventions -------------------------------------------------------------------------
 def diffmean_layers(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair],
     hooks: Sequence[str],
     *,
@@ -165,7 +163,7 @@ def diffmean_layers(
 
 
 def _build(
-    model: HookedTransformer,
+    model: Host,
     method: MethodLike,
     pairs: list[ContrastivePair],
     hooks: list[str],
@@ -199,7 +197,7 @@ def _build(
 
 # ----- scoring ------------------------------------------------------------------------------------------
 def _sweep_layers(
-    model: HookedTransformer,
+    model: Host,
     interventions: dict[int, Intervention],
     data: Tokenized,
     grid: list[float],
@@ -406,7 +404,7 @@ def plot_layer_sweep(
 
 # ----- the entry point ----------------------------------------------------------------------------------
 def layer_sweep(
-    model: HookedTransformer,
+    model: Host,
     method: MethodLike,
     pairs: Sequence[ContrastivePair],
     layers: Sequence[int],

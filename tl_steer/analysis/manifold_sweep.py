@@ -34,7 +34,6 @@ import torch
 from scipy.stats import spearmanr
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.analysis.manifold import CALIBRATED, ManifoldProbe, _stop_layer, auroc
@@ -42,6 +41,7 @@ from tl_steer.analysis.preference_utility import DEFAULT_EPS, PreferenceUtilityR
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError, ShapeError
 from tl_steer.hookpoints import HookSite, validate_hook
+from tl_steer.hosts import Host
 from tl_steer.interventions import AddVector, Intervention, check_grid, check_identity, hook_widths
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionPolicy, prompt_boundary
@@ -318,7 +318,7 @@ _UNITS = {
 
 
 def manifold_sweep(
-    model: HookedTransformer,
+    model: Host,
     intervention: Intervention,
     pairs: Sequence[ContrastivePair],
     ms: Sequence[float],
@@ -421,7 +421,7 @@ def manifold_sweep(
 
 
 def _preference(
-    model: HookedTransformer,
+    model: Host,
     conditions: list[tuple[str, Intervention]],
     items: list[ContrastivePair],
     grid: list[float],
@@ -481,7 +481,7 @@ class _Runner:
     """Runs texts in padded batches up to ``hook`` and captures the activation there, reusing the clean
     prefix before the first layer any condition touches (``start_at_layer``)."""
 
-    def __init__(self, model: HookedTransformer, hook: str, first_layer: int) -> None:
+    def __init__(self, model: Host, hook: str, first_layer: int) -> None:
         self.model = model
         self.hook = hook
         n_layers = model.cfg.n_layers
@@ -503,7 +503,7 @@ class _Runner:
 
 
 def _score_tokens(
-    model: HookedTransformer,
+    model: Host,
     probe: ManifoldProbe,
     hook: str,
     data: Tokenized,
@@ -562,9 +562,7 @@ def _score_tokens(
     return tokens_table, pd.concat(clean_frames, ignore_index=True)
 
 
-def _mean_displacement(
-    model: HookedTransformer, intervention: Intervention, data: Tokenized, hook: str, batch_size: int
-) -> float:
+def _mean_displacement(model: Host, intervention: Intervention, data: Tokenized, hook: str, batch_size: int) -> float:
     """The mean |h(m=1) - h(m=0)| at ``hook`` over the tokens (not position 0) the intervention changes."""
     runner = _Runner(model, hook, intervention.first_layer(model.cfg.n_layers))
     lengths = [len(s) for s in data.sequences]

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.capability import mc_accuracy
 from tl_steer.analysis.gap import paired_test
@@ -45,6 +44,7 @@ from tl_steer.analysis.stats import bootstrap_ci
 from tl_steer.data.mc import MCItem, check_mc_items
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError
+from tl_steer.hosts import Host
 from tl_steer.interventions import Intervention, check_grid
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class MatchedGainResult:
 
 
 def matched_gain(
-    model: HookedTransformer,
+    model: Host,
     conditions: Mapping[str, Intervention],
     pairs: Sequence[ContrastivePair],
     mc_items: Sequence[MCItem],
@@ -375,9 +375,7 @@ def _point_keys(with_text: bool) -> list[str]:
     return [f"{k}_{s}" for k in keys for s in ("change", "low", "high", "p_vs_clean", "p_vs_ref")] + ["pref_gain"]
 
 
-def _text_metrics(
-    model: HookedTransformer, text: TextBehavior, iv: Intervention | None, m: float
-) -> dict[str, np.ndarray]:
+def _text_metrics(model: Host, text: TextBehavior, iv: Intervention | None, m: float) -> dict[str, np.ndarray]:
     """Greedy completions of ``text.prompts`` under ``iv`` at ``m`` (``None``: the clean model), judged on the
     clean model: the probe judge's P(concept | text) (empty completion: 0) and the fluency judge's NLL per
     completion token (empty completion: NaN)."""

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.plots import _pyplot, finish_figure
 from tl_steer.analysis.preference_utility import PreferenceUtilityResult, preference_utility
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError
+from tl_steer.hosts import Host
 from tl_steer.interventions import Intervention
 from tl_steer.methods.diffmean import diffmean
 from tl_steer.methods.split import FORMS, sft, split
@@ -125,7 +125,7 @@ class ComparisonResult:
 
 
 def compare_interventions(
-    model: HookedTransformer,
+    model: Host,
     interventions: Mapping[str, Intervention],
     pairs: Sequence[ContrastivePair],
     *,
@@ -190,7 +190,7 @@ def tabulate_comparison(
 
 
 def compare_methods(
-    model: HookedTransformer,
+    model: Host,
     train_pairs: Sequence[ContrastivePair],
     test_pairs: Sequence[ContrastivePair],
     layer: int,

@@ -31,12 +31,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.decay import DecayFit, fit_decay
 from tl_steer.analysis.stats import bootstrap_ci
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError, DataError
+from tl_steer.hosts import Host
 from tl_steer.interventions import Intervention, check_grid
 from tl_steer.positions import prompt_boundary
 from tl_steer.prefix import CleanPrefix
@@ -207,7 +207,7 @@ class PreferenceUtilityResult:
 
 
 def preference_utility(
-    model: HookedTransformer,
+    model: Host,
     intervention: Intervention | None,
     pairs: Sequence[ContrastivePair],
     ms: Sequence[float] = DEFAULT_MS,
@@ -269,7 +269,7 @@ def _check_grid(ms: Sequence[float]) -> list[float]:
     return grid
 
 
-def _tokenize_pairs(model: HookedTransformer, items: list[ContrastivePair], chat: bool) -> Tokenized:
+def _tokenize_pairs(model: Host, items: list[ContrastivePair], chat: bool) -> Tokenized:
     n = len(items)
     try:
         return tokenize_completions(
@@ -286,7 +286,7 @@ def _tokenize_pairs(model: HookedTransformer, items: list[ContrastivePair], chat
 
 
 def _sweep_nll(
-    model: HookedTransformer,
+    model: Host,
     intervention: Intervention | None,
     data: Tokenized,
     grid: list[float],

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_steer.errors import ConfigError, DataError, ShapeError
 from tl_steer.hookpoints import validate_hook
+from tl_steer.hosts import Host
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -74,7 +74,7 @@ class _Totals:
 
 @torch.no_grad()
 def sae_quality(
-    model: HookedTransformer,
+    model: Host,
     sae: SAE,
     texts_or_tokens: Sequence[str] | Int[Tensor, "batch pos"],
     *,
@@ -125,7 +125,7 @@ def sae_quality(
 
 
 def _score_batch(
-    model: HookedTransformer,
+    model: Host,
     sae: SAE,
     hook_name: str,
     tokens: Int[Tensor, "batch pos"],
@@ -202,7 +202,7 @@ def _summarise(hook_name: str, t: _Totals) -> SAEQuality:
 
 
 def _as_tokens(
-    model: HookedTransformer, texts_or_tokens: Sequence[str] | Tensor, max_length: int
+    model: Host, texts_or_tokens: Sequence[str] | Tensor, max_length: int
 ) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
     """Token ids and the mask of real (non-padding) positions; texts are right-padded."""
     if isinstance(texts_or_tokens, Tensor):
@@ -240,6 +240,6 @@ def _seqpos_start(sae: SAE) -> int:
     return max(1, int(start)) if isinstance(start, int) else 1
 
 
-def _special_ids(model: HookedTransformer) -> list[int]:
+def _special_ids(model: Host) -> list[int]:
     tokenizer = model.tokenizer
     return list(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else []

@@ -30,7 +30,6 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.analysis.ab import ab_scores
@@ -38,6 +37,7 @@ from tl_steer.config import resolve
 from tl_steer.data.ab import ABItem, ab_to_pairs, check_ab_items, load_ab_items
 from tl_steer.data.pairs import ContrastivePair, check_pairs, load_pairs
 from tl_steer.errors import ConfigError
+from tl_steer.hosts import Host
 from tl_steer.interventions import AddVector, Intervention
 from tl_steer.methods.cold import cold_fd_prefixes, cold_kernel_prefixes
 from tl_steer.methods.diffmean import diffmean
@@ -58,7 +58,7 @@ def _per_method(value: float | Mapping[str, float], methods: Sequence[str], name
 
 
 def evaluate(
-    model: HookedTransformer,
+    model: Host,
     intervention: Intervention | None,
     items: Sequence[ABItem],
     pairs: Sequence[ContrastivePair],
@@ -77,7 +77,7 @@ def evaluate(
     }
 
 
-def reference_batch(model: HookedTransformer, pairs: Sequence[ContrastivePair]) -> tuple[Tensor, list[int]]:
+def reference_batch(model: Host, pairs: Sequence[ContrastivePair]) -> tuple[Tensor, list[int]]:
     """Right-padded token ids of ``prompt + positive`` of each pair, and their lengths: the inputs on which
     :func:`added_norm` measures an input-dependent intervention."""
     items = check_pairs(pairs)
@@ -87,7 +87,7 @@ def reference_batch(model: HookedTransformer, pairs: Sequence[ContrastivePair]) 
 
 
 def added_norm(
-    model: HookedTransformer, intervention: Intervention, tokens: Int[Tensor, "batch pos"], lengths: Sequence[int]
+    model: Host, intervention: Intervention, tokens: Int[Tensor, "batch pos"], lengths: Sequence[int]
 ) -> float:
     """The norm an intervention adds per position at m = 1: the vector's norm for an AddVector; otherwise
     the mean norm of the change at its (single) hook over the real positions of ``tokens`` except the
@@ -109,7 +109,7 @@ def added_norm(
 
 
 def build_interventions(
-    model: HookedTransformer,
+    model: Host,
     method: str,
     examples: Sequence[ContrastivePair],
     hook: str,
@@ -170,7 +170,7 @@ class SampleEfficiencyConfig:
 
 
 def sample_efficiency(
-    model: HookedTransformer,
+    model: Host,
     behavior: str,
     *,
     ns: Sequence[int] = (1, 2, 5, 10, 20, 50),

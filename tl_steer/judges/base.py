@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from transformer_lens import HookedTransformer
 
 from tl_steer.errors import ConfigError, DataError
+from tl_steer.hosts import Host
 from tl_steer.scoring import completion_nll
 
 # Within one judge_table call, the clean NLL of each (prompt, completion) set is computed once: the fluency
@@ -31,7 +31,7 @@ def shared_nll() -> Iterator[None]:
 
 
 def clean_nll(
-    model: HookedTransformer, prompts: Sequence[str], completions: Sequence[str], *, chat: bool, batch_size: int
+    model: Host, prompts: Sequence[str], completions: Sequence[str], *, chat: bool, batch_size: int
 ) -> np.ndarray:
     """The clean model's mean NLL per token of each completion after its prompt (float64 array)."""
     memo = _NLL_MEMO.get()
@@ -53,12 +53,10 @@ class Judge(ABC):
     metrics: tuple[str, ...] = ()
 
     @abstractmethod
-    def score(
-        self, model: HookedTransformer, prompts: Sequence[str], completions: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    def score(self, model: Host, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, np.ndarray]:
         """One value per (prompt, completion) for every metric of :attr:`metrics`."""
 
-    def check(self, model: HookedTransformer, concept: str | None = None) -> None:
+    def check(self, model: Host, concept: str | None = None) -> None:
         """Raise before any work if this judge cannot judge texts of ``model`` (and ``concept``)."""
         return None  # judges that use the clean model itself fit any model
 
@@ -67,7 +65,7 @@ class Judge(ABC):
         return {"judge": type(self).__name__}
 
 
-def check_clean(model: HookedTransformer) -> None:
+def check_clean(model: Host) -> None:
     """Judges read text with the clean model: refuse to run inside a ``steer`` block (or with any hook)."""
     if any(hp._forward_hooks for hp in model.hook_dict.values()):
         raise ConfigError(
@@ -94,7 +92,7 @@ def nonempty(completions: Sequence[str]) -> np.ndarray:
 
 
 def judge_table(
-    model: HookedTransformer, table: pd.DataFrame, judges: Sequence[Judge], *, concept: str | None = None
+    model: Host, table: pd.DataFrame, judges: Sequence[Judge], *, concept: str | None = None
 ) -> pd.DataFrame:
     """``table`` (from :func:`tl_steer.generate`) with one column per judge metric added, each judge run
     once over all rows (the prompt as given, without a condition's instruction)."""

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformer_lens import HookedTransformer
 
 from tl_steer.errors import ConfigError, FileFormatError, MissingDependencyError
+from tl_steer.hosts import Host, is_bridge, is_hooked
 from tl_steer.judges.base import Judge, check_texts
 
 #: how each built-in concept is described to the judge
@@ -97,13 +97,13 @@ class LLMJudge(Judge):
 
     metrics = ("llm_concept", "llm_instruction", "llm_fluency", "llm_hmean", "llm_unparsed")
 
-    def __init__(self, backend: Backend | str | Path | HookedTransformer, *, concept: str, max_new_tokens: int = 12):
+    def __init__(self, backend: Backend | str | Path | Host, *, concept: str, max_new_tokens: int = 12):
         if not isinstance(concept, str) or not concept.strip():
             raise ConfigError("give the concept the judge rates, e.g. concept='sentiment' or a description")
         self.concept = CONCEPT_DESCRIPTIONS.get(concept, concept)
         self.concept_name = concept
         self.max_new_tokens = max_new_tokens
-        if isinstance(backend, HookedTransformer):
+        if is_hooked(backend) or is_bridge(backend):
             self.ask: Backend = _hooked_backend(backend, max_new_tokens)
             self.name = str(backend.cfg.model_name)
         elif isinstance(backend, (str, Path)):
@@ -124,9 +124,7 @@ class LLMJudge(Judge):
         """The question asked for one rubric ("concept", "instruction" or "fluency")."""
         return RUBRICS[rubric].format(concept=self.concept, prompt=prompt.strip(), text=text.strip())
 
-    def score(
-        self, model: HookedTransformer, prompts: Sequence[str], completions: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    def score(self, model: Host, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, np.ndarray]:
         p, c = check_texts(prompts, completions)
         out = {k: np.full(len(c), np.nan) for k in self.metrics}
         out["llm_unparsed"] = np.zeros(len(c))
@@ -150,7 +148,7 @@ class LLMJudge(Judge):
         return {"judge": "llm", "model": self.name, "asked": self.n_asked, "unparsed": self.n_unparsed}
 
 
-def _hooked_backend(model: HookedTransformer, max_new_tokens: int) -> Backend:
+def _hooked_backend(model: Host, max_new_tokens: int) -> Backend:
     tokenizer = model.tokenizer
     chat = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 

@@ -19,12 +19,12 @@ import torch
 from jaxtyping import Float
 from scipy import stats
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_steer.activations import completion_activations
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError, DataError
 from tl_steer.hookpoints import validate_hook
+from tl_steer.hosts import Host
 from tl_steer.interventions import check_identity
 from tl_steer.judges.base import Judge, check_clean, check_texts, nonempty
 from tl_steer.models import model_identity
@@ -104,7 +104,7 @@ class ProbeJudge(Judge):
     @classmethod
     def fit(
         cls,
-        model: HookedTransformer,
+        model: Host,
         train: Sequence[ContrastivePair],
         test: Sequence[ContrastivePair],
         *,
@@ -146,7 +146,7 @@ class ProbeJudge(Judge):
             batch_size=batch_size,
         )
 
-    def check(self, model: HookedTransformer, concept: str | None = None) -> None:
+    def check(self, model: Host, concept: str | None = None) -> None:
         check_identity(self.model_identity, model)
         if concept is not None and concept != self.concept:
             raise ConfigError(
@@ -158,9 +158,7 @@ class ProbeJudge(Judge):
         """sigmoid(w . (x - mean) / scale + b) for features of this judge's hook."""
         return torch.sigmoid(((features.double() - self.mean) / self.scale) @ self.weight + self.bias)
 
-    def score(
-        self, model: HookedTransformer, prompts: Sequence[str], completions: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    def score(self, model: Host, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, np.ndarray]:
         p, c = check_texts(prompts, completions)
         self.check(model)
         check_clean(model)
@@ -190,7 +188,7 @@ class ProbeJudge(Judge):
 
 
 def _pair_features(
-    model: HookedTransformer, pairs: list[ContrastivePair], hook: str, chat: bool, batch_size: int
+    model: Host, pairs: list[ContrastivePair], hook: str, chat: bool, batch_size: int
 ) -> tuple[Float[Tensor, "n d"], Float[Tensor, " n"]]:
     prompts = [q.prompt for q in pairs] * 2
     completions = [q.positive for q in pairs] + [q.negative for q in pairs]

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from transformer_lens import HookedTransformer
 
 from tl_steer.errors import DataError
+from tl_steer.hosts import Host
 from tl_steer.judges.base import Judge, check_clean, check_texts, clean_nll, nonempty
 
 
@@ -34,9 +34,7 @@ class RelevanceJudge(Judge):
     def __init__(self, *, chat: bool = False, batch_size: int = 16) -> None:
         self.chat, self.batch_size = chat, batch_size
 
-    def score(
-        self, model: HookedTransformer, prompts: Sequence[str], completions: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    def score(self, model: Host, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, np.ndarray]:
         p, c = check_texts(prompts, completions)
         others = other_prompts(p)
         check_clean(model)

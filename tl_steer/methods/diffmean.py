@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from transformer_lens import HookedTransformer
-
 from tl_steer.activations import Reduce, completion_activations
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.dtypes import master_dtype
 from tl_steer.hookpoints import validate_hook
+from tl_steer.hosts import Host
 from tl_steer.interventions import AddVector
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionsLike
@@ -17,7 +16,7 @@ from tl_steer.scoring import tokenize_completions
 
 
 def diffmean(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair],
     hook: str,
     *,

@@ -29,13 +29,13 @@ import torch
 from jaxtyping import Float
 from scipy.stats import rankdata
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.activations import completion_activations
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError, HookNameError, MissingDependencyError, ShapeError
 from tl_steer.hookpoints import validate_hook
+from tl_steer.hosts import Host
 from tl_steer.interventions import EditEntry, Intervention, hook_widths
 from tl_steer.models import model_identity
 from tl_steer.positions import PositionsLike
@@ -65,7 +65,7 @@ def sae_hook(sae: Any) -> str:
     return hook
 
 
-def check_sae(model: HookedTransformer, sae: Any) -> str:
+def check_sae(model: Host, sae: Any) -> str:
     """Raise before any work if ``sae`` does not fit ``model``; return its hook name.
 
     Checks that the hook exists and that its width is the SAE's d_in, and warns when the SAE was trained
@@ -172,7 +172,7 @@ class SAEFeatureEdit(Intervention):
     def widths(self) -> dict[str, int]:
         return {self.hook: self.width}
 
-    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
+    def _edits(self, model: Host | None) -> list[tuple[str, EditEntry]]:
         if self.mode == "add":
             assert self.directions is not None
             vector = (self.values.to(self.directions.dtype)[:, None] * self.directions).sum(0)
@@ -276,7 +276,7 @@ def _check_features(sae: Any, feature: int | Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def feature_reference(
-    model: HookedTransformer, sae: Any, texts: Sequence[str], *, batch_size: int = 16
+    model: Host, sae: Any, texts: Sequence[str], *, batch_size: int = 16
 ) -> tuple[Float[Tensor, " d_sae"], float]:
     """(max activation of every feature, median activation norm) over the tokens of ``texts`` at the SAE's
     hook, position 0 excluded (the BOS / attention-sink position, whose norm is an outlier)."""
@@ -306,7 +306,7 @@ def sae_feature(
     value: float | Sequence[float] = 1.0,
     *,
     scale: Scale = "raw",
-    model: HookedTransformer | None = None,
+    model: Host | None = None,
     reference_texts: Sequence[str] | None = None,
     positions: PositionsLike | None = None,
 ) -> SAEFeatureEdit:
@@ -370,9 +370,7 @@ def sae_feature(
     )
 
 
-def concept_tokens(
-    model: HookedTransformer, pairs: Sequence[ContrastivePair], n: int = 20
-) -> tuple[list[int], list[int]]:
+def concept_tokens(model: Host, pairs: Sequence[ContrastivePair], n: int = 20) -> tuple[list[int], list[int]]:
     """The ``n`` token ids most over-represented in the positive completions against the negative ones,
     and the ``n`` most over-represented in the negative ones (by count difference; ties by id)."""
     tok = model.tokenizer
@@ -391,7 +389,7 @@ def concept_tokens(
 
 @torch.no_grad()
 def output_scores(
-    model: HookedTransformer, directions: Float[Tensor, "k d"], up: Sequence[int], down: Sequence[int]
+    model: Host, directions: Float[Tensor, "k d"], up: Sequence[int], down: Sequence[int]
 ) -> Float[Tensor, " k"]:
     """The logit lens of each direction onto the concept tokens:
     ``mean_{t in up} logit_t - mean_{t in down} logit_t`` with ``logits = ln_final(w) W_U``."""
@@ -404,7 +402,7 @@ def output_scores(
 
 
 def rank_features(
-    model: HookedTransformer,
+    model: Host,
     sae: Any,
     pairs: Sequence[ContrastivePair],
     *,

@@ -30,11 +30,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from tl_steer.config import resolve
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.freezing import frozen, trainable
+from tl_steer.hosts import Host, check_host
 from tl_steer.interventions import AddVector, Intervention
 from tl_steer.methods.split_config import DEFAULTS, FORMS, PUBLISHED_THETA, Form, SplitConfig
 from tl_steer.models import model_identity
@@ -52,7 +52,7 @@ HISTORY_COLUMNS = ("epoch", "step", "loss", "L_p", "L_n", "hinge", "pref", "lr",
 
 
 def split(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair],
     layer: int,
     form: Form = "vector",
@@ -165,7 +165,7 @@ def split(
 
 
 def sft(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair],
     layer: int,
     form: Form = "vector",
@@ -216,7 +216,7 @@ def sft(
 
 # ----- the trainer ---------------------------------------------------------------------------------------
 def _new_intervention(
-    model: HookedTransformer, layer: int, form: str, rank: int, seed: int, positions: PositionsLike
+    model: Host, layer: int, form: str, rank: int, seed: int, positions: PositionsLike
 ) -> Intervention:
     if form == "vector":
         dtype = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
@@ -230,7 +230,7 @@ def _new_intervention(
 
 
 def _train(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair],
     layer: int,
     form: str,
@@ -241,8 +241,7 @@ def _train(
     chat: bool,
     config: SplitConfig,
 ) -> tuple[Intervention, pd.DataFrame]:
-    if not isinstance(model, HookedTransformer):
-        raise TypeError(f"expected a HookedTransformer, got {type(model).__name__}")
+    check_host(model)
     items = check_pairs(pairs)
     cfg = config.checked(model, len(items), layer, form)
     assert cfg.lr is not None and cfg.m_grid is not None  # filled in by checked()
@@ -350,7 +349,7 @@ def _train(
 
 
 def _step(
-    model: HookedTransformer,
+    model: Host,
     iv: Intervention,
     prefix: PrefixCache,
     data: Tokenized,

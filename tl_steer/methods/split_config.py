@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from transformer_lens import HookedTransformer
-
 from tl_steer.errors import ConfigError, DataError
+from tl_steer.hosts import Host
 
 Form = Literal["vector", "lora", "local_weight"]
 FORMS: tuple[str, ...] = ("vector", "lora", "local_weight")
@@ -69,7 +68,7 @@ class SplitConfig:
         """These settings with SFT's loss: ``lambda_p = 1``, ``lambda_n = gamma = theta = 0``."""
         return replace(self, lambda_p=1.0, lambda_n=0.0, gamma=0.0, theta=0.0)
 
-    def checked(self, model: HookedTransformer, n_pairs: int, layer: object, form: object) -> SplitConfig:
+    def checked(self, model: Host, n_pairs: int, layer: object, form: object) -> SplitConfig:
         """Validate every option before any work (and ``layer``, ``form`` and the number of pairs against
         ``model``); return the settings with ``lr`` and ``m_grid`` filled in for ``form`` (``m_grid`` as a
         tuple of floats)."""

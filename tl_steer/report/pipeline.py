@@ -33,7 +33,6 @@ from typing import Any, cast
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.gap import BASELINE, Condition, GapResult, capability_behavior_gap
 from tl_steer.analysis.generation_sweep import TextBehavior
@@ -45,6 +44,7 @@ from tl_steer.data.mc import MCItem
 from tl_steer.data.pairs import ContrastivePair
 from tl_steer.data.prompts import load_prompts, prompt_sets
 from tl_steer.errors import ConfigError
+from tl_steer.hosts import Host
 from tl_steer.interventions import AddVector, Intervention
 from tl_steer.judges.probe import ProbeJudge
 from tl_steer.methods.adaptive import (
@@ -174,6 +174,8 @@ class ReportResult:
     gap: GapResult | None
     files: list[Path] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    #: the sections of report.html, for a page that shows them again (the grid report)
+    sections: list[html.Section] = field(default_factory=list)
 
 
 def _steps(settings: ReportSettings) -> list[str]:
@@ -181,7 +183,7 @@ def _steps(settings: ReportSettings) -> list[str]:
 
 
 def build_interventions(
-    model: HookedTransformer, data: ReportData, settings: ReportSettings, store: Store, log: Callable[[str], None]
+    model: Host, data: ReportData, settings: ReportSettings, store: Store, log: Callable[[str], None]
 ) -> tuple[dict[str, Intervention], dict[str, float], pd.DataFrame | None]:
     """Every method's intervention (cached), its build time, and the SAE feature ranking (if any)."""
     hook = f"blocks.{settings.layer}.hook_resid_post"
@@ -230,7 +232,7 @@ def build_interventions(
 
 
 def _build_adaptive(
-    model: HookedTransformer,
+    model: Host,
     data: ReportData,
     hook: str,
     base: AddVector,
@@ -271,7 +273,7 @@ def _build_adaptive(
 
 
 def run_report(
-    model: HookedTransformer,
+    model: Host,
     data: ReportData,
     settings: ReportSettings,
     out: str | Path,
@@ -287,14 +289,7 @@ def run_report(
     hook = f"blocks.{settings.layer}.hook_resid_post"
     if not 0 <= settings.layer < model.cfg.n_layers:
         raise ConfigError(f"layer must be in 0..{model.cfg.n_layers - 1}, got {settings.layer}")
-    # Every cached result is per method, so a rerun may add or drop methods and forms; any other change
-    # (data, sizes, layer, model) would mix results of two configurations.
-    keyed = {k: v for k, v in settings.to_json().items() if k not in ("methods", "forms")}
-    keyed |= {"data": data.name, "model": model.cfg.model_name}
-    # Caches of tl_steer 0.1 swept raw strengths (m = r x m_trained); this key refuses to mix them in.
-    keyed["m"] = "m = 1 is each intervention's unit"
-    if model.cfg.dtype != torch.float32:  # only then, so that caches of float32 runs stay valid
-        keyed["dtype"] = str(model.cfg.dtype).removeprefix("torch.")
+    keyed = cache_key(model, data.name, settings)
     store = Store(out, keyed)
     if fresh:
         store.clear()
@@ -361,11 +356,25 @@ def run_report(
     files.append(html.write(out / "report.html", title, sections))
     bar.update()
     bar.close()
-    return ReportResult(comparison, pu, gap, files, summary)
+    return ReportResult(comparison, pu, gap, files, summary, sections)
+
+
+def cache_key(model: Host, data_name: str, settings: ReportSettings) -> dict[str, Any]:
+    """What a report's cache is keyed by (kept in ``cache/settings.json``): the settings but the methods and
+    forms, the data's name, the model's name, and its dtype when not float32."""
+    # Every cached result is per method, so a rerun may add or drop methods and forms; any other change
+    # (data, sizes, layer, model) would mix results of two configurations.
+    keyed = {k: v for k, v in settings.to_json().items() if k not in ("methods", "forms")}
+    keyed |= {"data": data_name, "model": model.cfg.model_name}
+    # Caches of tl_steer 0.1 swept raw strengths (m = r x m_trained); this key refuses to mix them in.
+    keyed["m"] = "m = 1 is each intervention's unit"
+    if model.cfg.dtype != torch.float32:  # only then, so that caches of float32 runs stay valid
+        keyed["dtype"] = str(model.cfg.dtype).removeprefix("torch.")
+    return keyed
 
 
 def _manifold(
-    model: HookedTransformer,
+    model: Host,
     data: ReportData,
     settings: ReportSettings,
     interventions: dict[str, Intervention],
@@ -396,7 +405,7 @@ def _manifold(
 
 
 def _gap(
-    model: HookedTransformer,
+    model: Host,
     data: ReportData,
     settings: ReportSettings,
     interventions: dict[str, Intervention],
@@ -439,7 +448,7 @@ def _gap(
 
 
 def _train(
-    model: HookedTransformer, train: list[ContrastivePair], settings: ReportSettings, form: str, objective: str
+    model: Host, train: list[ContrastivePair], settings: ReportSettings, form: str, objective: str
 ) -> Intervention:
     shape = cast(Form, form)
     if objective == "sft":
@@ -452,14 +461,12 @@ def _train(
     return iv
 
 
-def _sweep(
-    model: HookedTransformer, iv: Intervention, pairs: list[ContrastivePair], ms: list[float], name: str
-) -> pd.DataFrame:
+def _sweep(model: Host, iv: Intervention, pairs: list[ContrastivePair], ms: list[float], name: str) -> pd.DataFrame:
     return preference_utility(model, iv, pairs, ms, label=name, progress=False).table
 
 
 def _manifold_sweep(
-    model: HookedTransformer,
+    model: Host,
     iv: Intervention,
     pairs: list[ContrastivePair],
     ms: list[float],
@@ -471,7 +478,7 @@ def _manifold_sweep(
 
 
 def _gap_items(
-    model: HookedTransformer,
+    model: Host,
     condition: Condition,
     pairs: list[ContrastivePair],
     items: list[MCItem],

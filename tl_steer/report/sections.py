@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
-from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.gap import GapResult
 from tl_steer.analysis.method_comparison import ComparisonResult
 from tl_steer.analysis.plots import plot_distance_and_utility, plot_preference_utility
 from tl_steer.analysis.preference_utility import PreferenceUtilityResult
+from tl_steer.hosts import Host
 from tl_steer.interventions import Intervention
 from tl_steer.report import findings, html
 from tl_steer.report.generation_section import generation_section
@@ -40,7 +40,7 @@ class ReportContext:
     """Everything a section builder may show: the run's inputs, its results, and where files go."""
 
     out: Path
-    model: HookedTransformer
+    model: Host
     data: ReportData
     settings: ReportSettings
     interventions: dict[str, Intervention]

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from transformer_lens import HookedTransformer
 
 from tl_steer.atomic import atomic_write
 from tl_steer.errors import ConfigError, SaveError
+from tl_steer.hosts import Host
 from tl_steer.interventions import Intervention
 from tl_steer.io import load, save
 
@@ -92,7 +92,7 @@ class Store:
         self._atomic(path, lambda p: p.write_text(json.dumps(value, indent=1)))
         return value
 
-    def intervention(self, key: str, compute: Callable[[], Intervention], model: HookedTransformer) -> Intervention:
+    def intervention(self, key: str, compute: Callable[[], Intervention], model: Host) -> Intervention:
         path = self.cache / f"{_name(key)}.safetensors"
         if path.exists():
             return load(path, model=model)

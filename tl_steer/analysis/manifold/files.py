@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_steer.analysis.manifold.moments import HookStatistics, RunningMoments
 from tl_steer.atomic import atomic_write
 from tl_steer.digests import tensors_digest
 from tl_steer.errors import FileFormatError, TlSteerError
+from tl_steer.hosts import Host
 from tl_steer.io import (
     check_against_model,
     check_data_digest,
@@ -87,7 +87,7 @@ def save_probe(probe: ManifoldProbe, path: str | Path) -> Path:
     return atomic_write(path, lambda p: save_file(data, str(p), metadata={"tl_steer": text}), what="the probe")
 
 
-def load_probe(cls: type[ManifoldProbe], path: str | Path, model: HookedTransformer | None = None) -> ManifoldProbe:
+def load_probe(cls: type[ManifoldProbe], path: str | Path, model: Host | None = None) -> ManifoldProbe:
     """Read a probe written by :meth:`ManifoldProbe.save`. With ``model``, refuse one fitted on another model
     (:class:`~tl_steer.errors.ModelMismatchError`) or whose hooks the model lacks or has at another
     width (:class:`~tl_steer.errors.HookNameError`, :class:`~tl_steer.errors.ShapeError`)."""

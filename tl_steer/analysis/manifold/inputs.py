@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_steer.errors import ConfigError, DataError, HookNameError, ShapeError
 from tl_steer.hookpoints import HookSite, validate_hook
+from tl_steer.hosts import Host
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def _check_settings(
         raise ConfigError(f"shrinkage must be in [0, 1] (or None for Ledoit-Wolf), got {shrinkage!r}")
 
 
-def _check_hooks(model: HookedTransformer, hooks: str | Sequence[str]) -> list[str]:
+def _check_hooks(model: Host, hooks: str | Sequence[str]) -> list[str]:
     names = [hooks] if isinstance(hooks, str) else list(hooks)
     if not names:
         raise HookNameError("give at least one hook name, e.g. 'blocks.6.hook_resid_post'")
@@ -67,7 +67,7 @@ def _check_hooks(model: HookedTransformer, hooks: str | Sequence[str]) -> list[s
     return list(dict.fromkeys(names))
 
 
-def _stop_layer(model: HookedTransformer, hooks: Sequence[str]) -> int | None:
+def _stop_layer(model: Host, hooks: Sequence[str]) -> int | None:
     """The ``stop_at_layer`` that still runs every hook, or None for the whole model."""
     n_layers = model.cfg.n_layers
     stop = 0
@@ -81,7 +81,7 @@ def _stop_layer(model: HookedTransformer, hooks: Sequence[str]) -> int | None:
 
 
 def _token_lists(
-    model: HookedTransformer, texts_or_tokens: str | Sequence[str] | Sequence[Sequence[int]] | Tensor
+    model: Host, texts_or_tokens: str | Sequence[str] | Sequence[Sequence[int]] | Tensor
 ) -> list[list[int]]:
     """Token id lists from texts, lists of ids or a 2-D tensor of ids; raise DataError if nothing is left."""
     items: list[Any]

@@ -17,7 +17,6 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.analysis.manifold.distances import CALIBRATED, DISTANCES, _knn, _mahalanobis, _sae_error, _unit
@@ -26,6 +25,7 @@ from tl_steer.analysis.manifold.inputs import ProbeSettings, _check_hooks, _chec
 from tl_steer.analysis.manifold.moments import HookStatistics, _Accumulator
 from tl_steer.config import resolve
 from tl_steer.errors import ConfigError, DataError, HookNameError, ShapeError
+from tl_steer.hosts import Host
 from tl_steer.interventions import hook_widths
 from tl_steer.models import model_identity
 from tl_steer.scoring import batches, max_batch_tokens, pad_right, pad_token_id
@@ -100,7 +100,7 @@ class ManifoldProbe:
     @classmethod
     def fit(
         cls,
-        model: HookedTransformer,
+        model: Host,
         texts_or_tokens: str | Sequence[str] | Sequence[Sequence[int]] | Tensor,
         hooks: str | Sequence[str],
         *,
@@ -550,7 +550,7 @@ class ManifoldProbe:
         return save_probe(self, path)
 
     @classmethod
-    def load(cls, path: str | Path, model: HookedTransformer | None = None) -> ManifoldProbe:
+    def load(cls, path: str | Path, model: Host | None = None) -> ManifoldProbe:
         """Read a probe written by :meth:`save`. With ``model``, refuse one fitted on another model
         (:class:`~tl_steer.errors.ModelMismatchError`) or whose hooks the model lacks or has at another
         width (:class:`~tl_steer.errors.HookNameError`, :class:`~tl_steer.errors.ShapeError`)."""

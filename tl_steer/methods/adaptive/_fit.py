@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError, DataError, HookNameError, ShapeError
 from tl_steer.hookpoints import HookSite, validate_hook
+from tl_steer.hosts import Host
 from tl_steer.interventions import AddVector, Intervention, check_identity
 from tl_steer.models import model_identity
 from tl_steer.scoring import (
@@ -52,7 +52,7 @@ class ConceptActivations:
 
 
 def concept_activations(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair],
     hook: str,
     *,
@@ -101,7 +101,7 @@ def concept_activations(
 
 
 def resolve_activations(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair] | None,
     hook: str,
     activations: ConceptActivations | None,

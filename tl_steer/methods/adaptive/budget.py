@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.analysis.manifold import ManifoldProbe
 from tl_steer.data.pairs import ContrastivePair
 from tl_steer.errors import ConfigError, DataError, ShapeError
+from tl_steer.hosts import Host
 from tl_steer.interventions import AddVector, EditEntry, Intervention, check_identity
 from tl_steer.methods.adaptive._fit import (
     ConceptActivations,
@@ -129,7 +129,7 @@ class BudgetedAddition(Intervention):
         s = ((-b + root) / c).clamp(0.0, raw) if raw >= 0 else ((-b - root) / c).clamp(raw, 0.0)
         return torch.where(slack >= 0, s, torch.zeros_like(s))
 
-    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
+    def _edits(self, model: Host | None) -> list[tuple[str, EditEntry]]:
         def edit(activation: Tensor, hook: HookPoint, raw: float) -> Tensor:
             s = self.strengths(activation, float(raw))
             return s[..., None] * self.vector.to(device=activation.device, dtype=torch.float64)
@@ -170,7 +170,7 @@ class BudgetedAddition(Intervention):
 
 
 def budgeted_addition(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair] | None,
     hook: str,
     probe: ManifoldProbe,

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.data.pairs import ContrastivePair
+from tl_steer.hosts import Host
 from tl_steer.interventions import AddVector, EditEntry
 from tl_steer.methods.adaptive._fit import (
     ConceptActivations,
@@ -51,7 +51,7 @@ class ProjectionClamp(OneDirection):
         self.target = check_scalar(target, "the clamp target")
         self.one_sided = bool(one_sided)
 
-    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
+    def _edits(self, model: Host | None) -> list[tuple[str, EditEntry]]:
         unit_dir = self.unit_direction()
         target, one_sided = self.target, self.one_sided
 
@@ -76,7 +76,7 @@ class ProjectionClamp(OneDirection):
 
 
 def projection_clamp(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair] | None,
     hook: str,
     *,

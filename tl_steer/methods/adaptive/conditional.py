@@ -12,12 +12,12 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.data.pairs import ContrastivePair
 from tl_steer.errors import ConfigError, FileFormatError, HookNameError, ShapeError, TlSteerError
 from tl_steer.hookpoints import HookSite
+from tl_steer.hosts import Host
 from tl_steer.interventions import EditEntry, Intervention, ReadOnly, registry
 from tl_steer.judges.probe import fit_logistic
 from tl_steer.methods.adaptive._fit import (
@@ -66,7 +66,7 @@ def probe_fires(h: Tensor, weight: Tensor, bias: float, tau: float) -> Tensor:
 
 
 def condition_probe(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair] | None,
     hook: str,
     *,
@@ -193,7 +193,7 @@ class Conditional(Intervention):
         mean = (scores * weights).sum(-1) / weights.sum(-1)
         return mean > self.tau  # NaN (no prompt position) compares False
 
-    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
+    def _edits(self, model: Host | None) -> list[tuple[str, EditEntry]]:
         if model is None and self.inner.needs_model:
             raise ConfigError(f"the wrapped {type(self.inner).__name__} needs the model: call .hooks(m, model=model)")
         recorded: dict[str, Tensor] = {}
@@ -260,7 +260,7 @@ class Conditional(Intervention):
     def widths(self) -> dict[str, int]:
         return {**self.inner.widths(), self.hook: int(self.weight.shape[0])}
 
-    def check(self, model: HookedTransformer) -> None:
+    def check(self, model: Host) -> None:
         super().check(model)
         self.inner.check(model)
 

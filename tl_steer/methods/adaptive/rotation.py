@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.data.pairs import ContrastivePair
 from tl_steer.errors import DataError
+from tl_steer.hosts import Host
 from tl_steer.interventions import AddVector, EditEntry
 from tl_steer.methods.adaptive._fit import (
     ConceptActivations,
@@ -56,7 +56,7 @@ class Rotation(OneDirection):
     def __init__(self, hook: str, direction: Float[Tensor, " d"], **common: Any) -> None:
         super().__init__(hook, direction, "the rotation direction", **common)
 
-    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
+    def _edits(self, model: Host | None) -> list[tuple[str, EditEntry]]:
         v = self.unit_direction()
 
         def edit(activation: Tensor, hook: HookPoint, raw: float) -> Tensor:
@@ -73,7 +73,7 @@ class Rotation(OneDirection):
 
 
 def rotation(
-    model: HookedTransformer,
+    model: Host,
     pairs: Sequence[ContrastivePair] | None,
     hook: str,
     *,

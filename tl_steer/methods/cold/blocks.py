@@ -8,17 +8,16 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from transformer_lens import HookedTransformer
-
 from tl_steer.errors import HookNameError
 from tl_steer.hookpoints import HookSite, validate_hook
+from tl_steer.hosts import Host
 
 _INPUT_HOOK = "blocks.0.hook_resid_pre"
 _SCORES_HOOK = "blocks.0.attn.hook_attn_scores"
 _FD_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
-def _block_site(model: HookedTransformer, hook: str) -> HookSite:
+def _block_site(model: Host, hook: str) -> HookSite:
     validate_hook(model, hook)
     site = HookSite.parse(hook)
     if site.layer is None:
@@ -30,7 +29,7 @@ def _block_site(model: HookedTransformer, hook: str) -> HookSite:
     return site
 
 
-def fd_blocks(model: HookedTransformer, hook: str) -> int:
+def fd_blocks(model: Host, hook: str) -> int:
     """How many blocks the perturbed pass of COLD-FD runs for ``hook`` (``stop_at_layer``)."""
     _block_site(model, hook)
     match = _FD_HOOK.match(hook)
@@ -48,7 +47,7 @@ def fd_blocks(model: HookedTransformer, hook: str) -> int:
     return layer if where == "pre" else layer + 1
 
 
-def parameters_before(model: HookedTransformer, hook: str) -> list[str]:
+def parameters_before(model: Host, hook: str) -> list[str]:
     """Names of the parameters that act before ``hook`` (the ones COLD-FD's gradient step moves):
     the token (and absolute position) embeddings and the blocks the perturbed pass runs."""
     n_blocks = fd_blocks(model, hook)
@@ -57,7 +56,7 @@ def parameters_before(model: HookedTransformer, hook: str) -> list[str]:
 
 
 @contextmanager
-def _hooks_suspended(model: HookedTransformer, n_blocks: int) -> Iterator[None]:
+def _hooks_suspended(model: Host, n_blocks: int) -> Iterator[None]:
     """Detach every forward hook of the TransformerLens hook points of blocks[:n_blocks] for the duration
     of the block, and put the very same hooks back afterwards (also on error)."""
     prefixes = tuple(f"blocks.{i}." for i in range(n_blocks))

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from tl_steer.data.pairs import ContrastivePair
 from tl_steer.errors import ConfigError, DataError
+from tl_steer.hosts import Host
 from tl_steer.scoring import Tokenized, batches, check_positive_int, pad_right, pad_token_id, tokenize_completions
 
 Loss = Literal["dpo", "nll"]
@@ -93,7 +93,7 @@ def prepare_examples(examples: object, loss: Loss | None = None) -> Examples:
     return Examples(prompts, positives, None, "nll")
 
 
-def _tokenize(model: HookedTransformer, ex: Examples, chat: bool) -> Tokenized:
+def _tokenize(model: Host, ex: Examples, chat: bool) -> Tokenized:
     """Rows 0..N-1 are the positive completions; for DPO rows N..2N-1 are the negative ones."""
     prompts = list(ex.prompts)
     completions = list(ex.positives)
@@ -153,7 +153,7 @@ def _groups(ex: Examples, data: Tokenized, batch_size: int, ns: list[int] | None
     return out
 
 
-def _batches(model: HookedTransformer, ex: Examples, data: Tokenized, groups: list[list[int]]) -> Iterator[_Batch]:
+def _batches(model: Host, ex: Examples, data: Tokenized, groups: list[list[int]]) -> Iterator[_Batch]:
     """Batches of whole examples (both completions of a pair in the same batch), right-padded."""
     n = len(ex)
     paired = ex.negatives is not None
@@ -182,7 +182,7 @@ def _check_prefixes(ns: Sequence[int] | None, n: int) -> list[int] | None:
 
 
 def example_losses(
-    model: HookedTransformer,
+    model: Host,
     examples: Sequence[Example],
     *,
     loss: Loss | None = None,

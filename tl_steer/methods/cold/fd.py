@@ -8,12 +8,12 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.dtypes import master_dtype, scaled_grad
 from tl_steer.errors import ConfigError, TlSteerError
 from tl_steer.freezing import frozen
+from tl_steer.hosts import Host
 from tl_steer.methods.cold.blocks import _INPUT_HOOK, fd_blocks, parameters_before
 from tl_steer.methods.cold.examples import (
     Example,
@@ -50,7 +50,7 @@ def _fd_method(fd_method: str | None, method: str | None) -> str:
 
 
 def cold_fd(
-    model: HookedTransformer,
+    model: Host,
     examples: Sequence[Example],
     hook: str,
     *,
@@ -111,7 +111,7 @@ def cold_fd(
 
 
 def cold_fd_prefixes(
-    model: HookedTransformer,
+    model: Host,
     examples: Sequence[Example],
     hook: str,
     ns: Sequence[int] | None,
@@ -200,7 +200,7 @@ def cold_fd_prefixes(
         yield count, intervention
 
 
-def _mean_dz_norm(model: HookedTransformer, iv: ColdFD, passes: list[tuple[Tensor, Tensor, Tensor]]) -> float:
+def _mean_dz_norm(model: Host, iv: ColdFD, passes: list[tuple[Tensor, Tensor, Tensor]]) -> float:
     """The mean norm of the raw dZ over the real positions but the first (the attention sink, whose
     activation is far larger) of the recorded example batches."""
     total, count = 0.0, 0

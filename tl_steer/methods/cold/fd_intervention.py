@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.dtypes import is_half
 from tl_steer.errors import ConfigError, DataError, HookNameError, ShapeError, TlSteerError
+from tl_steer.hosts import Host
 from tl_steer.interventions import EditEntry, Intervention, ReadOnly
 from tl_steer.methods.cold.blocks import (
     _FD_HOOK,
@@ -129,7 +129,7 @@ class ColdFD(Intervention):
     @classmethod
     def from_gradient(
         cls,
-        model: HookedTransformer,
+        model: Host,
         hook: str,
         g: dict[str, Tensor],
         *,
@@ -180,7 +180,7 @@ class ColdFD(Intervention):
                 )
         return iv
 
-    def method_for(self, model: HookedTransformer) -> str:
+    def method_for(self, model: Host) -> str:
         """How dZ is computed on ``model``: ``fd_method``, except that a finite difference requested for a
         float16 or bfloat16 model is computed by the exact JVP instead.
 
@@ -239,7 +239,7 @@ class ColdFD(Intervention):
             **common,
         )
 
-    def check(self, model: HookedTransformer) -> None:
+    def check(self, model: Host) -> None:
         """Check that this intervention fits ``model`` (identity, hook, width, parameter shapes)."""
         super().check(model)
         if fd_blocks(model, self.hook) != self.n_blocks:
@@ -274,7 +274,7 @@ class ColdFD(Intervention):
             },
         )
 
-    def _edits(self, model: HookedTransformer | None) -> list[tuple[str, EditEntry]]:
+    def _edits(self, model: Host | None) -> list[tuple[str, EditEntry]]:
         """Two readers at block 0 (its input, and the KV-cache offset and padding mask from its attention
         scores) and the steering edit, which runs the perturbed partial pass of ``model``."""
         assert model is not None  # needs_model: hooks() refuses to come here without one
@@ -288,7 +288,7 @@ class ColdFD(Intervention):
     # ----- the perturbed pass -------------------------------------------------------------------------
     def embedding_direction(
         self,
-        model: HookedTransformer,
+        model: Host,
         resid0: Float[Tensor, "batch pos d"],
         key_mask: Int[Tensor, "batch pos"] | None,
     ) -> tuple[Float[Tensor, "batch pos d"], Int[Tensor, "batch pos"]]:
@@ -336,7 +336,7 @@ class ColdFD(Intervention):
 
     def delta(
         self,
-        model: HookedTransformer,
+        model: Host,
         activation: Float[Tensor, "batch pos d"],
         resid0: Float[Tensor, "batch pos d"],
         key_mask: Int[Tensor, "batch pos"] | None = None,
@@ -379,7 +379,7 @@ class ColdFD(Intervention):
             dz = out[1] if scale == 1.0 else out[1].float() / scale
             return -self.eta * dz
 
-    def perturbed_parameters(self, model: HookedTransformer) -> dict[str, Tensor]:
+    def perturbed_parameters(self, model: Host) -> dict[str, Tensor]:
         """theta + eps g for the block parameters before the hook (the only parameters copied)."""
         params = dict(model.named_parameters())
         return {
@@ -387,7 +387,7 @@ class ColdFD(Intervention):
             for k, v in self.grads.items()
         }
 
-    def fd_rounding_error(self, model: HookedTransformer) -> float:
+    def fd_rounding_error(self, model: Host) -> float:
         """|fl(theta + eps g) - theta - eps g| / |eps g| over the block parameters: the share of the finite
         difference's parameter perturbation that the model's dtype cannot represent."""
         params = dict(model.named_parameters())
@@ -400,7 +400,7 @@ class ColdFD(Intervention):
                 ref += float(step.pow(2).sum())
         return math.sqrt(err / ref) if ref > 0 else 0.0
 
-    def _check_token_recovery(self, model: HookedTransformer, resid0: Tensor, tokens: Tensor) -> None:
+    def _check_token_recovery(self, model: Host, resid0: Tensor, tokens: Tensor) -> None:
         """Raise if the tokens of an example batch cannot be recognised from its block-0 input (an
         architecture whose embedding is not a plain lookup), and warn about tokens sharing an embedding
         row with a token of the examples (they would receive its gradient)."""
@@ -432,7 +432,7 @@ class ColdFD(Intervention):
 class _Run:
     """The per-installation state of a ColdFD: what the recorders saw in the current forward pass."""
 
-    def __init__(self, iv: ColdFD, model: HookedTransformer) -> None:
+    def __init__(self, iv: ColdFD, model: Host) -> None:
         self.iv = iv
         self.model = model
         self.state = PositionState()

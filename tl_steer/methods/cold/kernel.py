@@ -8,12 +8,12 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.dtypes import master_dtype, scaled_grad
 from tl_steer.errors import ConfigError, ShapeError, TlSteerError
 from tl_steer.freezing import frozen
+from tl_steer.hosts import Host
 from tl_steer.interventions import AddVector
 from tl_steer.methods.cold.blocks import _block_site
 from tl_steer.methods.cold.examples import (
@@ -37,7 +37,7 @@ from tl_steer.positions import PositionsLike
 
 
 def cold_kernel(
-    model: HookedTransformer,
+    model: Host,
     examples: Sequence[Example],
     hook: str,
     *,
@@ -86,7 +86,7 @@ def cold_kernel(
 
 
 def cold_kernel_prefixes(
-    model: HookedTransformer,
+    model: Host,
     examples: Sequence[Example],
     hook: str,
     ns: Sequence[int] | None,
