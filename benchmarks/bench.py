@@ -20,6 +20,8 @@ Sections (default model = tl_steer.load_default_model(), SmolLM2-135M-Instruct, 
   clean one;
 - layers: a layer sweep over every layer x 9 strengths against separate cached-prefix sweeps, and
   multiple-choice scoring with the question prefix shared against full sequences;
+- bridge: the default model as a TransformerBridge against the HookedTransformer and plain Hugging Face:
+  steered greedy generation, a forward pass, load time (benchmarks/bridge_generation.py, own three models);
 - tiny: the same measurements on a tiny random HookedTransformer (tests/conftest.py make_model).
 
     python benchmarks/bench.py                 # everything, about 10-15 min on a busy 2-core machine
@@ -53,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 WORKER = BENCH / "bench_peer_worker.py"
 DEFAULT_PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
-SECTIONS = ("steer", "sweep", "cold", "train", "manifold", "generation", "adaptive", "layers", "tiny")
+SECTIONS = ("steer", "sweep", "cold", "train", "manifold", "generation", "adaptive", "layers", "bridge", "tiny")
 TITLES = {
     "steer": "1. Steering overhead",
     "sweep": "2. Preference-utility sweep",
@@ -64,6 +66,7 @@ TITLES = {
     "generation": "7. Batched steered generation",
     "adaptive": "8. Adaptive steering",
     "layers": "9. Layer sweep and multiple-choice scoring",
+    "bridge": "10. TransformerBridge against HookedTransformer and Hugging Face",
 }
 GEN_PROMPT = "I went to the cinema and"
 
@@ -1129,6 +1132,22 @@ def run_section(name: str, s: Settings, tmp: Path, peer_python: Path | None) -> 
     }
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
+    if name == "bridge":  # loads its own three copies of the default model: benchmarks/bridge_generation.py
+        sys.path.insert(0, str(BENCH))
+        import bridge_generation
+
+        measured_bridge = bridge_generation.measure(quick=s == QUICK)
+        rows += bridge_generation.rows_for_bench(measured_bridge)
+        extra = {"bridge": {k: v for k, v in measured_bridge.items() if k != "generation"}}
+        return {
+            "section": name,
+            "model": "default",
+            "rows": rows,
+            "extra": extra,
+            "memory": {"peak_with_load_mib": maxrss_mib()},
+            "wall_s": time.perf_counter() - start,
+            "torch_threads": torch.get_num_threads(),
+        }
     if name == "tiny":
         t = load_tiny(s)
         rows += section_steer(t, s, tmp, None)["rows"]

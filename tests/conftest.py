@@ -20,6 +20,8 @@ from transformer_lens.weight_processing import ProcessWeights
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# tests/tl4 is the TransformerLens 4 suite, run on its own by `make test-tl4` (in .venv-tl4, with its own conftest).
+collect_ignore = ["tl4"]
 
 # ----- run-time shape checks: the jaxtyping annotations of tl_steer are checked by beartype on each call ---
 # (as TransformerLens' own tests do). Installed before anything imports tl_steer; the test

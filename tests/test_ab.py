@@ -22,6 +22,14 @@ from tl_steer.data.ab import (
     read_ab_items,
 )
 
+
+@pytest.fixture(scope="module")
+def tiny(tiny_host):
+    """The tiny Llama on either host: each test here that takes ``tiny`` runs on a HookedTransformer and on a
+    TransformerBridge (conftest's ``tiny_host``)."""
+    return tiny_host
+
+
 GOOD = {"question": "How was it?", "option_a": "fine", "option_b": "awful", "answer_matching_behavior": "A"}
 ITEMS = [
     ABItem("How was it?", "fine", "cold", "A"),

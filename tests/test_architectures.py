@@ -339,9 +339,9 @@ def test_methods_agree_on_folded_and_unfolded(unfolded, folded):
 
 
 def test_what_folding_does_not_carry_over(unfolded, folded):
-    # An intervention records its model: the embedding changed (centred), so it is another model.
+    # An intervention records its model: the weights were processed (the embedding centred), so it is another model.
     iv = tl_steer.diffmean(unfolded, PAIRS, HOOK)
-    with pytest.raises(ModelMismatchError, match="embedding checksum"):
+    with pytest.raises(ModelMismatchError, match="unprocessed weights.*has processed weights"):
         tl_steer.pair_nll(folded, PAIRS[:2], interventions=[iv])
     # An SAE reads the raw residual stream, which folding centres: the SAE's load flags are checked.
     for model, sae_fold, warns in ((folded, False, True), (folded, True, False), (unfolded, True, True)):

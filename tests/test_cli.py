@@ -162,7 +162,7 @@ def test_report_interrupted_says_how_to_resume(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_load_model", lambda path: FakeModel())
+    monkeypatch.setattr(cli, "_load_model", lambda path, host=None: FakeModel())
     monkeypatch.setattr(cli, "_load_sae", lambda *args: (None, ""))
     monkeypatch.setattr(pipeline, "run_report", interrupted)
     assert cli.main(["report", "--quick", "--out", str(tmp_path / "r")]) == 130
@@ -179,7 +179,7 @@ def test_sweep_runs_in_half_precision(
 
     loaded = []
 
-    def tiny() -> object:
+    def tiny(host: str | None = None) -> object:
         model = make_model("llama", dtype=torch.float32)
         loaded.append(model)
         return model
@@ -201,3 +201,64 @@ def test_sweep_runs_in_half_precision(
 def test_with_dtype_refuses_unknown_names() -> None:
     with pytest.raises(tl_steer.TlSteerError, match="--dtype must be one of float32, float16, bfloat16"):
         cli.with_dtype(object(), "int8")
+
+
+# ----- --host: the default model as a HookedTransformer or a TransformerBridge ---------------------------------
+
+
+def test_an_unknown_host_is_refused_by_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("sweep", "report", "generate"):
+        code, _, err = run_cli([command, "--host", "nnsight"], capsys)
+        assert code == 2 and "invalid choice: 'nnsight' (choose from 'hooked', 'bridge')" in err
+
+
+def test_sweep_runs_on_a_bridge(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch) -> None:
+    import pandas as pd
+    from conftest import make_bridge
+
+    from tl_steer.hosts import is_bridge
+
+    hosts: list[str | None] = []
+    bridge = make_bridge("llama")
+
+    def fake(host: str | None = None) -> object:
+        hosts.append(host)
+        return bridge
+
+    monkeypatch.setattr(tl_steer.models, "load_default_model", fake)
+    argv = ["sweep", "--host", "bridge", "--n-train", "6", "--n-test", "4", "--ms=-2,0,2", "--layer", "1"]
+    assert cli.main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert hosts == ["bridge"] and is_bridge(bridge)
+    table = pd.read_csv(tmp_path / "b" / "preference_utility.csv")
+    # the steering reached the model: PrefOdds move with m (m = 0 is the clean model)
+    by_m = table.groupby("m")["pref_odds"].mean()
+    assert by_m[2.0] != pytest.approx(by_m[0.0]) and by_m[-2.0] != pytest.approx(by_m[0.0])
+    assert "blocks.1.hook_resid_post" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("host", [None, "hooked", "bridge"])
+def test_report_and_generate_pass_the_host_on(tmp_path: Path, monkeypatch, host: str | None) -> None:
+    import tl_steer.report.pipeline as pipeline
+
+    hosts: list[str | None] = []
+
+    class FakeModel:
+        class cfg:  # noqa: N801
+            n_layers = 4
+
+    def fake(host: str | None = None) -> object:
+        hosts.append(host)
+        return FakeModel()
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # the model loaded: nothing more to see
+
+    monkeypatch.setattr(tl_steer.models, "load_default_model", fake)
+    monkeypatch.setattr(cli, "_load_sae", lambda *args: (None, ""))
+    monkeypatch.setattr(pipeline, "run_report", stop)
+    monkeypatch.setattr(tl_steer.methods, "diffmean", stop)
+    flags = [] if host is None else ["--host", host]
+    assert cli.main(["report", "--quick", *flags, "--out", str(tmp_path / "r")]) == 130
+    assert cli.main(["generate", "hello", *flags, "--layer", "1"]) == 130
+    expected = host or tl_steer.models.default_host()
+    assert [tl_steer.models.check_host_name(h) for h in hosts] == [expected, expected]  # None: the default

@@ -42,7 +42,7 @@ def test_a_failed_validation_leaves_no_out_directory(capsys, tmp_path: Path, mon
         class cfg:  # noqa: N801
             n_layers = 4
 
-    monkeypatch.setattr(cli, "_load_model", lambda path: FakeModel())
+    monkeypatch.setattr(cli, "_load_model", lambda path, host=None: FakeModel())
     out = tmp_path / "results" / "run1"
     assert cli.main([*argv, "--out", str(out)]) == 2
     assert "error" in capsys.readouterr().err
@@ -72,7 +72,7 @@ def test_default_methods_with_pairs_and_no_instruction_still_run(capsys, tmp_pat
         seen["methods"] = settings.methods
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_load_model", lambda path: FakeModel())
+    monkeypatch.setattr(cli, "_load_model", lambda path, host=None: FakeModel())
     monkeypatch.setattr(cli, "_load_sae", lambda *args: (None, ""))
     monkeypatch.setattr(pipeline, "run_report", fake_run)
     assert cli.main(["report", "--pairs", str(pairs), "--quick", "--out", str(tmp_path / "r")]) == 130

@@ -33,12 +33,30 @@ def test_logits_match_hugging_face_from_the_same_file(default_model):
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
     )
     texts = ["The quick brown fox jumps over the lazy dog.", "User: Can you help me?\nAssistant: Sure, here is"]
+    bridge = tl_steer.load_default_model(host="bridge")  # a Llama rebuilt from the cache, in a bridge
     for text in texts:
         ids = tokenizer(text, return_tensors="pt").input_ids
         with torch.no_grad():
             expected = hf(ids).logits
             got = default_model(ids)
+            from_cache = bridge(ids)
         assert (got - expected).abs().max().item() < 1e-4
+        assert (from_cache - expected).abs().max().item() < 1e-4
+    # The cache round trip is exact: the bridge of the GGUF file's own Hugging Face model gives the same logits.
+    direct = tl_steer.bridge_from_hf(hf, tokenizer, model_name="SmolLM2-135M-Instruct")
+    with torch.no_grad():
+        assert torch.equal(direct(ids), bridge(ids))
+
+
+def test_the_default_model_as_a_bridge() -> None:
+    from tl_steer.hosts import is_bridge
+
+    bridge = tl_steer.load_default_model(host="bridge")
+    cfg = bridge.cfg
+    assert is_bridge(bridge) and cfg.model_name == "SmolLM2-135M-Instruct"
+    assert (cfg.n_layers, cfg.d_model, cfg.d_vocab) == (30, 576, 49152)
+    assert cfg.default_prepend_bos is False and bridge.tokenizer.padding_side == "right"
+    assert bridge.to_tokens("Hello")[0, 0].item() != bridge.tokenizer.bos_token_id
 
 
 def test_second_load_comes_from_the_cache(default_model):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, no_hooks_left
+from conftest import make_bridge, make_model, no_hooks_left
 from test_split import HELD_OUT
 
 import tl_steer
@@ -30,9 +30,9 @@ ITEMS = [
 INSTRUCTION = "Be positive."
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model("llama")
+@pytest.fixture(scope="module", params=["hooked", "bridge"])
+def model(request):
+    return make_model("llama") if request.param == "hooked" else make_bridge("llama")
 
 
 @pytest.fixture(scope="module")

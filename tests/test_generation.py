@@ -173,7 +173,7 @@ def cli_model(monkeypatch):
     import tl_steer.models
 
     model = make_model("llama")
-    monkeypatch.setattr(tl_steer.models, "load_default_model", lambda: model)
+    monkeypatch.setattr(tl_steer.models, "load_default_model", lambda **options: model)
     return model
 
 

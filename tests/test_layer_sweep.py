@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_model, no_hooks_left
+from conftest import make_bridge, make_host_pair, make_model, no_hooks_left
 
 import tl_steer
 from tl_steer import ContrastivePair
@@ -28,9 +28,10 @@ TEST = [
 MS = (-1.0, 0.0, 1.0, 2.0)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model("llama", d_model=32)
+@pytest.fixture(scope="module", params=["hooked", "bridge"])
+def model(request):
+    # The tiny Llama on either host (the bridge's sweeps run every pass from the embedding).
+    return make_model("llama", d_model=32) if request.param == "hooked" else make_bridge("llama")
 
 
 @pytest.mark.parametrize("hook", ["resid_post", "resid_pre", "blocks.{layer}.hook_mlp_out"])
@@ -105,6 +106,31 @@ def test_block_calls_follow_the_layer_count_theory(one_thread):
         )
         assert sum(sep) == separate
         assert sum(counts) < sum(sep)
+
+
+def test_on_the_bridge_every_pass_runs_every_block(one_thread):
+    # A bridge cannot restart at a later block (no start_at_layer): the same sweep runs every block in the
+    # clean pass and in every (layer, m != 0) pass, and gives the NLLs of the HookedTransformer's restarts.
+    hooked, bridge = make_host_pair("llama")
+    vectors = diffmean_layers(hooked, PAIRS, [f"blocks.{i}.hook_resid_post" for i in range(3)])
+    ivs = {i: vectors[f"blocks.{i}.hook_resid_post"] for i in range(3)}
+    data = _tokenize_pairs(bridge, PAIRS, False)
+    for iv in ivs.values():
+        iv.check(bridge)
+    tables = {}
+    for name, m in (("hooked", hooked), ("bridge", bridge)):
+        counts = count_block_calls(
+            m,
+            lambda m=m, name=name: tables.__setitem__(
+                name, _sweep_layers(m, ivs, data, list(MS), "mean", 8, False, "")
+            ),
+        )
+        expected = [1 + 3 * 1, 1 + 3 * 2, 1 + 3 * 3] if name == "hooked" else [1 + 3 * 3] * 3
+        assert counts == expected, name
+    (clean_a, by_layer_a), (clean_b, by_layer_b) = tables["hooked"], tables["bridge"]
+    np.testing.assert_allclose(clean_b, clean_a, rtol=1e-5, atol=1e-5)
+    for layer in ivs:
+        np.testing.assert_allclose(by_layer_b[layer], by_layer_a[layer], rtol=1e-5, atol=1e-5)
 
 
 def summary_table(rows):

@@ -19,6 +19,14 @@ from tl_steer import ABItem, ContrastivePair, MCItem
 from tl_steer.errors import ConfigError, DataError
 from tl_steer.scoring import batches, max_batch_tokens
 
+
+@pytest.fixture(scope="module")
+def tiny(tiny_host):
+    """The tiny Llama on either host: each test here that takes ``tiny`` runs on a HookedTransformer and on a
+    TransformerBridge (conftest's ``tiny_host``)."""
+    return tiny_host
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOK = "blocks.1.hook_resid_post"

@@ -19,6 +19,14 @@ from tl_steer.analysis.manifold import ManifoldProbe, RunningMoments, auroc
 from tl_steer.analysis.manifold_sweep import COVARIANCE, ISOTROPIC, manifold_sweep, random_baselines
 from tl_steer.analysis.preference_utility import preference_utility
 
+
+@pytest.fixture(scope="module")
+def tiny(tiny_host):
+    """The tiny Llama on either host: each test here that takes ``tiny`` runs on a HookedTransformer and on a
+    TransformerBridge (conftest's ``tiny_host``)."""
+    return tiny_host
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOK = "blocks.1.hook_resid_post"

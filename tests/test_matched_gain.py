@@ -15,6 +15,14 @@ from tl_steer.analysis.matched_gain import match_strength, matched_gain
 from tl_steer.data.mc import mc_item
 from tl_steer.interventions import AddVector
 
+
+@pytest.fixture(scope="module")
+def tiny(tiny_host):
+    """The tiny Llama on either host: each test here that takes ``tiny`` runs on a HookedTransformer and on a
+    TransformerBridge (conftest's ``tiny_host``)."""
+    return tiny_host
+
+
 HOOK = TINY_HOOK
 PAIRS = [ContrastivePair(*t) for t in SENTIMENT_PAIRS[:5]]
 QUESTIONS = [

@@ -22,6 +22,14 @@ from tl_steer.analysis.capability import (
 from tl_steer.data import MCItem, check_mc_items, load_mc_items, mc_item, mc_sets, read_mc_items
 from tl_steer.errors import ConfigError
 
+
+@pytest.fixture(scope="module")
+def tiny(tiny_host):
+    """The tiny Llama on either host: each test here that takes ``tiny`` runs on a HookedTransformer and on a
+    TransformerBridge (conftest's ``tiny_host``)."""
+    return tiny_host
+
+
 GOOD = {
     "question": "What is wide?",
     "options": ["the world", "the bread", "the tea", "the room"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, MC_QUESTIONS, make_model, no_hooks_left
+from conftest import ARCHITECTURES, BRIDGE_ARCHITECTURES, MC_QUESTIONS, make_bridge, make_model, no_hooks_left
 
 from tl_steer import AddVector
 from tl_steer.analysis.capability import mc_accuracy, mc_option_nll
@@ -29,8 +29,11 @@ def both(model, **kwargs):
     return fast, slow
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+@pytest.fixture(scope="module", params=[*sorted(ARCHITECTURES), *(f"bridge-{a}" for a in BRIDGE_ARCHITECTURES)])
 def model(request):
+    # The bridges share each question through Hugging Face's own KV cache (capability._bridge_shared_logprobs).
+    if request.param.startswith("bridge-"):
+        return make_bridge(request.param.removeprefix("bridge-"))
     return make_model(request.param)
 
 

@@ -16,6 +16,14 @@ from tl_steer import AddVector, ContrastivePair
 from tl_steer.analysis.decay import curve, fit_decay
 from tl_steer.analysis.preference_utility import log_odds, preference_utility
 
+
+@pytest.fixture(scope="module")
+def tiny(tiny_host):
+    """The tiny Llama on either host: each test here that takes ``tiny`` runs on a HookedTransformer and on a
+    TransformerBridge (conftest's ``tiny_host``)."""
+    return tiny_host
+
+
 PAIRS = [
     ContrastivePair("The film was", " wonderful and the staff were kind.", " awful and the staff were rude."),
     ContrastivePair("I went to the market and", " bought fresh bread.", " found stale bread."),

@@ -1,7 +1,9 @@
-"""The README's tour runs as written: its Python blocks are executed, in order, on the default model."""
+"""The README's tour runs as written: its Python blocks are executed, in order, on the default model, as a
+HookedTransformer and as a TransformerBridge."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -32,11 +34,18 @@ def test_tour_blocks_stop_at_the_next_section() -> None:
 
 
 @pytest.mark.default_model
-def test_readme_tour_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("host", ["hooked", "bridge"])
+def test_readme_tour_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    """The tour as written, with ``tl_steer.load_default_model()`` giving each host in turn (unchanged code)."""
+    import tl_steer
+    from tl_steer.hosts import is_bridge
+
     monkeypatch.chdir(tmp_path)  # the tour writes a figure and a saved intervention
+    monkeypatch.setattr(tl_steer, "load_default_model", functools.partial(tl_steer.load_default_model, host=host))
     namespace: dict[str, object] = {"__name__": "readme_tour"}
     for i, block in enumerate(tour_blocks(README.read_text(encoding="utf-8"))):
         exec(compile(block, f"README tour block {i}", "exec"), namespace)
+    assert is_bridge(namespace["model"]) == (host == "bridge")
     # What the tour claims, checked loosely: steering at m = 1 raised the preference on the test pairs,
     # and the saved vector came back.
     summary = namespace["result"].summary()  # type: ignore[attr-defined]

@@ -296,7 +296,7 @@ def test_report_sizes_of_the_command(tmp_path, monkeypatch, flags, n_train, epoc
         seen.update(settings=settings, data=data)
         raise KeyboardInterrupt  # stop there: nothing to compute
 
-    monkeypatch.setattr(cli, "_load_model", lambda path: FakeModel())
+    monkeypatch.setattr(cli, "_load_model", lambda path, host=None: FakeModel())
     monkeypatch.setattr(cli, "_load_sae", lambda *args: (None, ""))
     monkeypatch.setattr(pipeline, "run_report", record)
     assert cli.main(["report", *flags, "--out", str(tmp_path / "r")]) == 130

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, no_hooks_left
+from conftest import make_bridge, make_model, no_hooks_left
 from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from test_split import HELD_OUT, PAIRS
@@ -35,9 +35,9 @@ def make_sae(d_in: int = 32, d_sae: int = 64, hook: str = HOOK, seed: int = 0) -
     return sae
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model("llama")
+@pytest.fixture(scope="module", params=["hooked", "bridge"])
+def model(request):
+    return make_model("llama") if request.param == "hooked" else make_bridge("llama")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,14 @@ import tl_steer
 from tl_steer import AddVector, ConfigError, ContrastivePair, DataError
 from tl_steer.scoring import tokenize_completions
 
+
+@pytest.fixture(scope="module")
+def tiny(tiny_host):
+    """The tiny Llama on either host: each test here that takes ``tiny`` runs on a HookedTransformer and on a
+    TransformerBridge (conftest's ``tiny_host``)."""
+    return tiny_host
+
+
 HOOK = "blocks.1.hook_resid_post"
 
 PROMPTS = [

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, no_hooks_left
+from conftest import BRIDGE_ARCHITECTURES, make_bridge, make_model, no_hooks_left
 
 import tl_steer
 from tl_steer import AddVector, HookNameError, ShapeError, steer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_host):
+    """The tiny Llama on either host: each test here that takes ``tiny`` runs on a HookedTransformer and on a
+    TransformerBridge (conftest's ``tiny_host``)."""
+    return tiny_host
+
 
 HOOK = "blocks.1.hook_resid_post"
 TEXT = "hello world, the weather is fine"
@@ -189,15 +197,43 @@ def test_policy_before_first_attention_is_refused(tiny):
 def test_left_padding_steers_each_row_like_alone(tiny_any):
     """Under left padding, last_prompt is the last real token of every row; each row's final logits
     equal those of the same prompt run alone."""
-    model = tiny_any
+    check_left_padding(tiny_any, atol=1e-8)
+
+
+@pytest.fixture(scope="module", params=BRIDGE_ARCHITECTURES)
+def bridge_any(request):
+    """The tiny models as TransformerBridges. The Llama is float32 here: TransformerLens 3.9's bridge gives NaN
+    logits for a left-padded row of a float64 Llama (its attention mask sentinel; float32 is fine)."""
+    return make_bridge(request.param, dtype=torch.float32 if request.param == "llama" else torch.float64)
+
+
+def test_left_padding_and_generation_on_the_bridge(bridge_any):
+    model = bridge_any
+    check_left_padding(model, atol=1e-8 if model.cfg.dtype == torch.float64 else 1e-4)
+    for policy in ("all", "generated", "last_prompt"):
+        iv = AddVector(HOOK, vector(model, scale=6.0), positions=policy)
+        with steer(model, iv, m=1.0):
+            cached = generate(model, "hello world", use_past_kv_cache=True)
+            uncached = generate(model, "hello world", use_past_kv_cache=False)
+            # Left-padded batched generation: each row as when generated alone.
+            prompts = ["hello world", "the food was awful and"]
+            batch = generate(model, prompts, padding_side="left")
+            alone = [generate(model, p)[0] for p in prompts]
+        assert torch.equal(cached, uncached), policy
+        for row, one in zip(batch, alone, strict=True):
+            assert torch.equal(row[-len(one) :], one), policy
+    assert no_hooks_left(model) and "generate" not in vars(model)
+
+
+def check_left_padding(model, atol):
     prompts = ["hello world", "the food was awful and the room was cold"]
     tokens = model.to_tokens(prompts, padding_side="left")
     mask = (tokens != model.tokenizer.pad_token_id).long()
-    iv = AddVector(HOOK, vector(model), positions="last_prompt")
+    iv = AddVector(HOOK, vector(model).to(model.cfg.dtype), positions="last_prompt")
     with steer(model, iv, m=2.0):
         batched = logits(model, tokens, attention_mask=mask)[:, -1]
         alone = torch.stack([logits(model, model.to_tokens(p))[0, -1] for p in prompts])
-    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-8)
+    torch.testing.assert_close(batched, alone, rtol=0, atol=atol)
 
 
 # ----- generation and the KV cache ---------------------------------------------------------------

@@ -80,7 +80,7 @@ from tl_steer.methods.adaptive import (
     rotation,
 )
 from tl_steer.methods.split_config import SplitConfig
-from tl_steer.models import hooked_from_hf, load_default_model, model_identity
+from tl_steer.models import bridge_from_hf, hooked_from_hf, load_default_model, model_identity
 from tl_steer.module_delta import LocalWeight, LoRA, ModuleDelta
 from tl_steer.positions import PositionPolicy, prompt_boundary
 from tl_steer.scoring import completion_nll, logits_budget, pair_nll
@@ -92,6 +92,7 @@ __all__ = [
     # the model and its hook points
     "load_default_model",
     "hooked_from_hf",
+    "bridge_from_hf",
     "model_identity",
     "get_act_name",
     "load_default_sae",

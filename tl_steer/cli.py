@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tl_steer.errors import SaveError, TlSteerError
+from tl_steer.models import HOSTS
 
 
 def _floats(text: str) -> list[float]:
@@ -68,10 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_arguments(parser: Any) -> None:
-    """The options both commands share: where the pairs come from, the layer and the model's dtype."""
+def _add_model_arguments(parser: Any, *, many: bool = False) -> None:
+    """The options both commands share: where the pairs come from, the layer and the model's dtype
+    (``many``: --concept takes one or more names, or all, for the report's grid)."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--concept", default="sentiment", help="built-in concept (default: sentiment)")
+    if many:
+        source.add_argument(
+            "--concept",
+            nargs="+",
+            default=["sentiment"],
+            metavar="CONCEPT",
+            help="built-in concept(s) (default: sentiment); several, or all, run a grid (see --layers)",
+        )
+    else:
+        source.add_argument("--concept", default="sentiment", help="built-in concept (default: sentiment)")
     source.add_argument("--pairs", help="a JSONL file of pairs (prompt, positive, negative); split 75/25")
     parser.add_argument("--layer", type=int, default=None, help="layer of blocks.L.hook_resid_post (default: middle)")
     parser.add_argument(
@@ -79,6 +90,13 @@ def _add_model_arguments(parser: Any) -> None:
         choices=DTYPES,
         default="float32",
         help="the model's dtype (default: float32); vectors and statistics stay float32/float64",
+    )
+    parser.add_argument(
+        "--host",
+        choices=HOSTS,
+        default=None,
+        help="the TransformerLens class to load the model as: hooked (HookedTransformer) or bridge "
+        "(TransformerBridge, around the Hugging Face model); default: hooked on TransformerLens 3, bridge on 4",
     )
 
 
@@ -106,7 +124,7 @@ def _add_report(sub: Any) -> None:
             "SPLIT as vectors only); --full is the whole comparison (about an hour); --quick a smoke run."
         ),
     )
-    _add_model_arguments(report)
+    _add_model_arguments(report, many=True)
     report.add_argument(
         "--methods",
         nargs="+",
@@ -141,6 +159,31 @@ def _add_report(sub: Any) -> None:
     )
     report.add_argument("--fresh", action="store_true", help="discard cached results in --out first")
     report.add_argument("--out", default="report", help="output directory (default: report)")
+    report.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="L",
+        help="run a grid: the comparison for every concept of --concept at each of these layers, one report "
+        "with which method wins where; each cell cached in OUT/cells/CONCEPT-HOOK/",
+    )
+    report.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run the grid's cells on Ray (pip install 'tl-steer[ray]'): no ADDRESS or 'local' starts a cluster "
+        "on this machine; 'auto' joins the one `ray start` runs here; HOST:6379 or ray://HOST:10001 a remote one",
+    )
+    report.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPUs (and torch threads) per Ray worker; each worker loads the model once (default: 1)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,7 +227,7 @@ def _sweep(args: argparse.Namespace) -> int:
     _check_writable(out)
 
     start = time.perf_counter()
-    model = with_dtype(load_default_model(), args.dtype)
+    model = with_dtype(load_default_model(host=args.host), args.dtype)
     layer = _layer(model, args.layer)
     hook = f"blocks.{layer}.hook_resid_post"
     print(f"model {model.cfg.model_name}, concept {name!r}: {len(train)} train / {len(test)} test pairs, hook {hook}")
@@ -221,6 +264,11 @@ def _report(args: argparse.Namespace) -> int:
     from tl_steer.data.pairs import CONCEPT_INSTRUCTIONS
     from tl_steer.report.pipeline import ReportData, ReportSettings, run_report
 
+    many = not args.pairs and (len(args.concept) > 1 or args.concept == ["all"])
+    if args.layers is not None or args.ray is not None or many:
+        return _report_grid(args)
+    args.concept = args.concept[0]
+
     out = Path(args.out)
     _check_writable(out)
     if args.pairs:
@@ -238,7 +286,7 @@ def _report(args: argparse.Namespace) -> int:
             "--methods prompting needs the instruction the prompting baseline puts before each prompt, and "
             f"{args.pairs} brings none: pass --instruction 'TEXT' (the built-in concepts have their own)"
         )
-    model = with_dtype(_load_model(args.model), args.dtype)
+    model = with_dtype(_load_model(args.model, args.host), args.dtype)
     layer = _layer(model, args.layer)
     size = "quick" if args.quick else "full" if args.full else "standard"
     forms = tuple(args.forms or (("vector", "lora", "local_weight") if args.full else ("vector",)))
@@ -259,6 +307,58 @@ def _report(args: argparse.Namespace) -> int:
     result = run_report(model, data, settings, out, fresh=args.fresh)
     print(f"wrote {out / 'report.html'} and {len(result.files) - 1} other files in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _report_grid(args: argparse.Namespace) -> int:
+    """``tl-steer report`` over a grid of concepts x layers (``--layers``, several concepts, ``--ray``)."""
+    import functools
+
+    from tl_steer.report.grid import BuiltinData, grid_cells, run_grid
+
+    if args.pairs:
+        raise TlSteerError(
+            "--layers and --ray run a grid over built-in concepts (--concept NAME ... or all); a pairs file runs "
+            "as a single report: drop --layers and --ray"
+        )
+    if args.layer is not None and args.layers is not None:
+        raise TlSteerError("give --layer (one layer) or --layers (a grid of layers), not both")
+    out = Path(args.out)
+    _check_writable(out)
+    size = "quick" if args.quick else "full" if args.full else "standard"
+    forms = tuple(args.forms or (("vector", "lora", "local_weight") if args.full else ("vector",)))
+    chosen: dict[str, Any] = {"methods": tuple(args.methods)} if args.methods else {}
+    if args.instruction:
+        chosen["instruction"] = args.instruction
+    # the grid's own checks (empty, unknown concepts, methods) before the model loads; the layers after
+    grid_cells(args.concept, args.layers or [0], size=size, forms=forms, **chosen)
+    if args.ray is not None:
+        from tl_steer.report import ray_runner
+
+        ray_runner.import_ray()
+        ray_runner.check_reachable(args.ray)
+    model = with_dtype(_load_model(args.model, args.host), args.dtype)
+    layers = args.layers or [_layer(model, args.layer)]
+    cells = grid_cells(args.concept, layers, size=size, forms=forms, **chosen)
+    start = time.perf_counter()
+    result = run_grid(
+        model,
+        cells,
+        BuiltinData(sae=args.sae),
+        out,
+        ray_address=args.ray,
+        loader=functools.partial(grid_loader, args.model, args.dtype, args.host),
+        cpus_per_worker=args.ray_cpus,
+        fresh=args.fresh,
+    )
+    shown = result.winners[["concept", "layer", "best", "d_pref", "d_util", "separated"]]
+    print(shown.to_string(index=False, float_format=lambda x: f"{x:+.3f}"))
+    print(f"wrote {out / 'report.html'} ({len(cells)} cells) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def grid_loader(path: str | None, dtype: str, host: str | None = None) -> Any:
+    """The model as ``tl-steer report --model PATH --dtype D --host H`` loads it (a Ray worker calls this once)."""
+    return with_dtype(_load_model(path, host), dtype)
 
 
 def _add_generate(sub: Any) -> None:
@@ -318,7 +418,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.csv:
         _check_writable(Path(args.csv).parent)
 
-    model = with_dtype(load_default_model(), args.dtype)
+    model = with_dtype(load_default_model(host=args.host), args.dtype)
     if args.load:
         iv = load(args.load, model)
     else:
@@ -381,18 +481,21 @@ def with_dtype(model: Any, dtype: str) -> Any:
     return model
 
 
-def _load_model(path: str | None) -> Any:
-    from tl_steer.models import hooked_from_hf, load_default_model
+def _load_model(path: str | None, host: str | None = None) -> Any:
+    """The default model, or the Hugging Face model in the folder ``path``, as ``host`` (see --host)."""
+    from tl_steer.models import bridge_from_hf, check_host_name, hooked_from_hf, load_default_model
 
+    host = check_host_name(host)
     if path is None:
-        return load_default_model()
+        return load_default_model(host=host)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(path).is_dir():
         raise TlSteerError(f"--model {path!r} is not a folder; give a local Hugging Face model folder")
     # local_files_only: a folder missing a file is an error here, never a download
     hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    return hooked_from_hf(hf, AutoTokenizer.from_pretrained(path, local_files_only=True))
+    wrap = bridge_from_hf if host == "bridge" else hooked_from_hf
+    return wrap(hf, AutoTokenizer.from_pretrained(path, local_files_only=True))
 
 
 def _load_sae(path: str | None, hook: str, wanted: bool) -> tuple[Any, str]:

@@ -56,8 +56,10 @@ def load_default_sae(device: str | torch.device | None = None) -> SAE:
     try:
         from sae_lens import SAE
     except ImportError as exc:
+        from tl_steer.hosts import sae_lens_install_hint
+
         raise MissingDependencyError(
-            "load_default_sae needs the package 'sae-lens'; install it with: pip install sae-lens"
+            f"load_default_sae needs the package 'sae-lens'; install it with: {sae_lens_install_hint()}"
         ) from exc
     folder = default_sae_path()
     missing = [name for name in _FILES if not (folder / name).is_file()]

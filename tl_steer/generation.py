@@ -13,6 +13,7 @@ absolute positions its mask names.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 
 from tl_steer.analysis.gap import BASELINE, Condition
 from tl_steer.errors import ConfigError, DataError
-from tl_steer.hosts import Host
+from tl_steer.hosts import Host, is_bridge
 from tl_steer.interventions import Intervention, check_grid
 from tl_steer.scoring import check_positive_int, format_prompt
 from tl_steer.steering import steer
@@ -199,7 +200,7 @@ def generate(
     for plan in plans:
         iv = plan.condition.intervention
         # A position mask names absolute positions, which left padding would shift: one prompt at a time.
-        own_size = 1 if iv is not None and iv.positions.kind == "mask" else size
+        own_size = 1 if iv is not None and iv.positions.kind == "mask" or not left_padding_ok(model) else size
         jobs = [(i, s) for i in range(len(prompt_list)) for s in range(samples)]
         for m in plan.ms:
             for b, start in enumerate(range(0, len(jobs), own_size)):
@@ -223,6 +224,41 @@ def generate(
                         | {"completion": text, "n_tokens": n, "stopped_at_eos": eos}
                     )
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+_PADDING_OK: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def left_padding_ok(model: Host) -> bool:
+    """Whether a left-padded batch gives each row the logits it gets alone on ``model`` (checked once per
+    model, with one forward pass of two 2-token rows, the first one padded).
+
+    Always on a HookedTransformer. A TransformerLens 3.9 bridge computes the softmax of rotary attention
+    (Llama, Qwen, ...) in float32 whatever the model's dtype: in a float64 model the padding mask's float64
+    minimum becomes -inf there, the query rows of the pad positions (every key masked) become NaN, and the
+    NaN reaches the real rows through the next layer's zero attention weights (0 * NaN). Where this check
+    fails, :func:`generate` runs one prompt at a time (the same texts, slower); float32 and half-precision
+    bridges pass it.
+    """
+    if not is_bridge(model):
+        return True
+    known = _PADDING_OK.get(model)
+    if known is None:
+        tokenizer = model.tokenizer
+        pad = getattr(tokenizer, "pad_token_id", None)
+        token = getattr(tokenizer, "bos_token_id", None)
+        token = getattr(tokenizer, "eos_token_id", 0) if token is None else token
+        if pad is None:
+            known = True  # the bridge does not mask padding it cannot see; nothing to check
+        else:
+            device = model.cfg.device
+            tokens = torch.tensor([[pad, token, token], [token, token, token]], device=device)
+            mask = torch.tensor([[0, 1, 1], [1, 1, 1]], device=device)
+            with torch.no_grad():
+                logits = model(tokens, attention_mask=mask)
+            known = bool(torch.isfinite(logits[:, -1]).all())
+        _PADDING_OK[model] = known
+    return known
 
 
 def kv_cache_ok(iv: Intervention | None) -> bool:

@@ -116,13 +116,40 @@ def check_host(model: object, *, argument: str = "model") -> None:
     raise TypeError(f"{argument} must be a TransformerLens HookedTransformer or TransformerBridge, got {kind}: {how}")
 
 
+def hook_points(model: Any) -> dict[str, Any]:
+    """``model.hook_dict``, with a bridge's HookedTransformer-style aliases in it on every bridge.
+
+    A TransformerBridge's hook_dict has its aliases. sae-lens' ``SAETransformerBridge`` overrides hook_dict
+    with its registry alone (the bridge's own names and its SAEs' hook points, ``blocks.1.hook_out.
+    hook_sae_input``), so there the aliases are added back, each pointing at what its own name points at
+    now: an alias of a site with an SAE spliced in names that SAE's hook points
+    (``blocks.1.hook_resid_post.hook_sae_input``). (Its blocks' alias attributes keep the hook point the SAE
+    replaced, which never runs again: go through these names.)"""
+    hooks = model.hook_dict
+    resolve = getattr(model, "_resolve_hook_name", None)
+    if not is_bridge(model) or not isinstance(getattr(model, "_acts_to_saes", None), dict) or not callable(resolve):
+        return hooks
+    hooks = dict(hooks)
+    collect = getattr(model, "_collect_hook_aliases_from_registry", dict)
+    aliases: dict[str, Any] = {**getattr(model, "hook_aliases", {}), **collect()}
+    sae_points = [name for name in hooks if ".hook_sae_" in name]
+    for alias in aliases:
+        native = resolve(alias)
+        if native in hooks:
+            hooks.setdefault(alias, hooks[native])
+        for name in sae_points:
+            if name.startswith(native + "."):
+                hooks.setdefault(alias + name[len(native) :], hooks[name])
+    return hooks
+
+
 def fired_name(model: Any, name: str) -> str:
     """The name a hook point calls its hook functions with: ``name`` itself on a HookedTransformer; on a
     bridge, where ``name`` may be an alias (``blocks.3.hook_resid_post``), the bridge's own name
     (``blocks.3.hook_out``). Unknown names come back unchanged."""
     if not is_bridge(model):
         return name
-    point = model.hook_dict.get(name)
+    point = hook_points(model).get(name)
     return str(point.name) if point is not None and point.name else name
 
 
@@ -132,10 +159,11 @@ def canonical_name(model: Any, name: str) -> str:
     reads either spelling; ``name`` itself when it has none or the model is not a bridge."""
     if not is_bridge(model):
         return name
-    point = model.hook_dict.get(name)
+    points = hook_points(model)
+    point = points.get(name)
     if point is None or _is_hooked_style(name):
         return name
-    for alias, other in model.hook_dict.items():
+    for alias, other in points.items():
         if other is point and _is_hooked_style(alias):
             return str(alias)
     return name
@@ -144,6 +172,17 @@ def canonical_name(model: Any, name: str) -> str:
 def _is_hooked_style(name: str) -> bool:
     match = _BLOCK.match(name)
     return match.group(2) in _HOOKED_BLOCK_SUFFIXES if match else name in _HOOKED_TOP
+
+
+def sae_lens_install_hint() -> str:
+    """How to install sae-lens here: plain ``pip install sae-lens`` beside TransformerLens 3; on TransformerLens 4,
+    which sae-lens does not support yet (it pins transformer-lens below 4), the downgrade that pip will make."""
+    if HAS_HOOKED_TRANSFORMER:
+        return "pip install sae-lens"
+    return (
+        "pip install sae-lens 'transformer-lens>=3.9,<4' (sae-lens needs TransformerLens 3; the installed "
+        "TransformerLens 4 is replaced by 3.x, which has both hosts)"
+    )
 
 
 def can_restart(model: Any) -> bool:
@@ -162,6 +201,8 @@ __all__ = [
     "canonical_name",
     "check_host",
     "fired_name",
+    "hook_points",
     "is_bridge",
     "is_hooked",
+    "sae_lens_install_hint",
 ]

@@ -39,7 +39,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.errors import ConfigError, DataError, HookNameError, ModelMismatchError, ShapeError
-from tl_steer.hookpoints import HookSite, validate_hook
+from tl_steer.hookpoints import HookSite, missing_reason, validate_hook
 from tl_steer.hosts import Host, check_host
 from tl_steer.models import model_identity
 from tl_steer.overflow import check_steered
@@ -356,6 +356,16 @@ def check_identity(saved: dict[str, Any], model: Host) -> None:
                 f"made for a model with {key}={saved[key]} ({saved.get('model_name')}), "
                 f"but this model has {key}={current[key]} ({current['model_name']})"
             )
+    # The same weights with and without TransformerLens' processing give other activations (model_identity).
+    done = saved.get("processed_weights")
+    if done is not None and bool(done) != current["processed_weights"]:
+        how = {True: "processed weights (folded norms)", False: "unprocessed weights"}
+        raise ModelMismatchError(
+            f"made for model {saved.get('model_name')!r} with {how[bool(done)]}, but this model "
+            f"({current['model_name']!r}) has {how[current['processed_weights']]}: their activations differ. Use "
+            "the model it was made on (HookedTransformer.from_pretrained folds norms unless fold_ln=False; a "
+            "TransformerBridge does after enable_compatibility_mode()), or make it again on this one"
+        )
     a, b = saved.get("embed_checksum"), current["embed_checksum"]
     if a is not None and not math.isclose(a, b, rel_tol=1e-3):
         raise ModelMismatchError(
@@ -390,7 +400,11 @@ def hook_widths(model: Host, names: tuple[str, ...] | list[str]) -> dict[str, in
     if silent:  # hook points that exist but that this model's forward pass does not run
         for name in silent:
             validate_hook(model, name)  # says why, where the reason is known
-        raise HookNameError(f"the hook point(s) {silent} did not run in a forward pass of this model")
+        reasons = "".join(missing_reason(model, name) for name in silent)
+        raise HookNameError(
+            f"the hook point(s) {silent} did not run in a forward pass of this model.{reasons} Use a hook that "
+            "runs, e.g. 'blocks.0.hook_resid_post'."
+        )
     return {n: known[n] for n in names}
 
 

@@ -220,6 +220,7 @@ _IDENTITY_TYPES: dict[str, Callable[[object], bool]] = {
     "d_vocab": _is_int,
     "n_heads": _is_int,
     "embed_checksum": lambda v: v is None or _is_int(v) or isinstance(v, float) and math.isfinite(v),
+    "processed_weights": lambda v: v is None or isinstance(v, bool),
 }
 
 

@@ -9,6 +9,10 @@ read, except under shortformer positional embeddings, which add the positions in
 attention (no residual-only restart then), and for ``l = 0`` or ``l = n_layers`` there is nothing to skip or
 nothing left to run. :func:`reusable_start` decides; :class:`CleanPrefix` runs the passes of one batch;
 :class:`PrefixCache` keeps the residual of every sequence of a data set for many epochs.
+
+A ``TransformerBridge`` cannot restart (it refuses ``start_at_layer``: Hugging Face's forward owns the loop
+over layers, see ``hosts.can_restart``), so on a bridge every pass runs from the embedding: the same
+results, at the cost of the skipped blocks.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_steer.hosts import Host
+from tl_steer.hosts import Host, can_restart
 from tl_steer.scoring import Tokenized, batches, max_batch_tokens, pad_right, pad_token_id
 
 
 def reusable_start(model: Host, first_layer: int) -> int | None:
     """The block ``first_layer`` if a pass can restart there from a cached clean residual, else None (run
-    from the embedding): ``0 < first_layer < n_layers`` and no shortformer positional embeddings."""
-    if model.cfg.positional_embedding_type == "shortformer":
+    from the embedding): ``0 < first_layer < n_layers``, no shortformer positional embeddings, and a host that
+    can start a pass at a later block (not a TransformerBridge)."""
+    if model.cfg.positional_embedding_type == "shortformer" or not can_restart(model):
         return None
     return first_layer if 0 < first_layer < model.cfg.n_layers else None
 
@@ -97,6 +102,10 @@ class PrefixCache:
     ) -> Float[Tensor, "batch pos_from_first vocab"]:
         """The logits at positions ``first ..`` of the padded batch ``tokens`` (rows ``idx`` of the data)."""
         model, n_layers = self.model, self.model.cfg.n_layers
+        if not can_restart(model):
+            # A bridge's stop_at_layer=n_layers returns logits, and its ln_final / unembed modules do not
+            # take a residual: its full forward gives the logits (final soft cap included).
+            return model(tokens)[:, first:]
         if self.enabled:
             width = tokens.shape[1]
             resid = self.resid[idx[0]].new_zeros(len(idx), width, self.resid[idx[0]].shape[-1])

@@ -58,9 +58,44 @@ def is_sae_host(model: object) -> bool:
     return isinstance(getattr(model, "_acts_to_saes", None), dict) and callable(getattr(model, "add_sae", None))
 
 
+def native_name(model: nn.Module, name: str) -> str:
+    """``name`` in the spelling an SAE host resolves attributes by: unchanged on a HookedSAETransformer; on
+    sae-lens' ``SAETransformerBridge``, the bridge's own name of a HookedTransformer-style alias
+    (``blocks.1.hook_resid_post`` -> ``blocks.1.hook_out``, also in front of an SAE's hook point
+    ``.hook_sae_input``): it splices SAEs in under its own names, and an alias attribute keeps the replaced
+    hook point."""
+    resolve = getattr(model, "_resolve_hook_name", None)
+    if not callable(resolve):
+        return name
+    head, sep, tail = name.partition(".hook_sae_")
+    return str(resolve(head)) + sep + tail
+
+
+def _repair_name(model: nn.Module, name: str) -> None:
+    """Give the hook point at ``name`` on an ``SAETransformerBridge`` its full name back if it lost it.
+
+    sae-lens' ``reset_saes`` on that bridge puts a fresh hook point back that the bridge renames after its
+    attribute alone (``hook_out``, measured with sae-lens 6.54 / TransformerLens 3.9); the bridge's
+    ``run_with_hooks`` then reads ``blocks.1.hook_out`` as an alias of ``hook_out``, a name it does not have,
+    and silently adds no hook there."""
+    if not callable(getattr(model, "_resolve_hook_name", None)):
+        return
+    native = native_name(model, name)
+    try:
+        point = _get(model, native)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return
+    if isinstance(point, HookPoint) and point.name != native:
+        point.name = native
+
+
+def _same_site(model: nn.Module, a: str, b: str) -> bool:
+    return native_name(model, a) == native_name(model, b)
+
+
 def _get(model: nn.Module, path: str) -> Any:
     obj: Any = model
-    for part in path.split("."):
+    for part in native_name(model, path).split("."):
         obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
     return obj
 
@@ -113,8 +148,10 @@ def check_spliced(model: nn.Module, name: str) -> bool:
 
 def width_hook(model: nn.Module, name: str) -> str:
     """The hook name at which the activation width of ``name`` can be observed: ``name`` itself, or, when
-    an SAE is spliced in there, its ``hook_sae_output`` (same width as the activation it replaces)."""
-    return f"{name}.hook_sae_output" if spliced_at(model, name) is not None else name
+    an SAE is spliced in there, its ``hook_sae_output`` (same width as the activation it replaces); on an
+    ``SAETransformerBridge`` in the bridge's own spelling (:func:`native_name`), the one its hooks run under."""
+    _repair_name(model, name)
+    return native_name(model, f"{name}.hook_sae_output" if spliced_at(model, name) is not None else name)
 
 
 @dataclass
@@ -157,7 +194,9 @@ class _Placer:
                 hook_point = _get(self.model, name)
             except (AttributeError, IndexError, TypeError, ValueError):
                 hook_point = None
-            if not isinstance(hook_point, HookPoint):
+            if isinstance(hook_point, HookPoint):
+                _repair_name(self.model, name)
+            else:
                 site = name.rpartition(".")[0]
                 raise HookNameError(
                     f"the steered hook point {name!r} is gone: it belonged to an SAE that was removed inside the "
@@ -167,11 +206,13 @@ class _Placer:
             # A transcoder reads its input at this hook point through a permanent hook added when it
             # was spliced in; steering first makes it encode the steered activation.
             transcoder_inputs = getattr(self.model, "_transcoder_output_hooks", {})
-            return hook_point, self.site == "before" and name in transcoder_inputs
+            reads_here = any(_same_site(self.model, key, name) for key in transcoder_inputs)
+            return hook_point, self.site == "before" and reads_here
         if self.site == "after":
             return wrapper.hook_sae_output, False
         saes = getattr(self.model, "_acts_to_saes", {})
-        if saes.get(name) is not wrapper:  # a transcoder's output site: what it encodes is read elsewhere
+        encodes_here = any(w is wrapper and _same_site(self.model, key, name) for key, w in saes.items())
+        if not encodes_here:  # a transcoder's output site: what it encodes is read elsewhere
             raise ConfigError(
                 f"cannot steer {name!r} before the transcoder {describe_sae(wrapper)} spliced in there: it "
                 f"encodes the activation of another hook point and replaces this one, so the edit would be "

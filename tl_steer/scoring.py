@@ -23,7 +23,7 @@ from torch import Tensor
 
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError, DataError
-from tl_steer.hosts import Host
+from tl_steer.hosts import Host, check_host
 from tl_steer.interventions import Intervention
 from tl_steer.positions import prompt_boundary
 from tl_steer.steering import steer
@@ -73,6 +73,7 @@ def tokenize_completions(
     A BOS token is prepended when ``model.cfg.default_prepend_bos`` is set. With ``chat=True`` the prompt
     is wrapped in the chat template and leading whitespace of the completion is dropped.
     """
+    check_host(model)
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ConfigError("scoring needs a model with a tokenizer")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tl_steer import sae_splicing
 from tl_steer.errors import ConfigError, DataError
-from tl_steer.hosts import Host
+from tl_steer.hosts import Host, check_host
 from tl_steer.interventions import HookFn, Intervention, check_strength
 from tl_steer.positions import prompt_boundary
 
@@ -65,7 +65,8 @@ def steer(
     """Steer ``model`` with one or more interventions at strength ``m`` inside a ``with`` block.
 
     Args:
-        model: a HookedTransformer.
+        model: a HookedTransformer or a TransformerBridge (anything else is a TypeError that says how to
+            wrap it).
         *interventions: the interventions; they compose (applied in the order given).
         m: one strength for all, or one per intervention. ``m = 0`` is the clean model.
         check: validate hook names, widths and model identity first (default True).
@@ -81,6 +82,7 @@ def steer(
         with tl_steer.steer(model, vector, m=4.0):
             print(model.generate("I think that", max_new_tokens=20))
     """
+    check_host(model)
     site = sae_splicing.check_site(sae_site)
     with sae_splicing.allow_spliced():  # a hook name occupied by an SAE is a valid target here
         fwd_hooks = build_hooks(model, interventions, m, check=check)

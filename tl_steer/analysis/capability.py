@@ -39,6 +39,7 @@ equal terms, and ``normalize="sum"`` is there for the other convention.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ from tl_steer.analysis.stats import bootstrap_ci
 from tl_steer.data.mc import MCItem, check_mc_items
 from tl_steer.errors import ConfigError
 from tl_steer.hookpoints import HookSite
-from tl_steer.hosts import Host
+from tl_steer.hosts import Host, is_bridge
 from tl_steer.interventions import Intervention, InterventionsLike, as_intervention_list
 from tl_steer.positions import prompt_boundary
 from tl_steer.scoring import (
@@ -113,7 +114,8 @@ def mc_option_nll(
     values (a KV cache), and the final norm and unembedding are computed only at the positions that predict a
     scored option token (:func:`_shared_prefix_nll`); ``shared_prefix=False`` runs every question + option
     as a full sequence, in padded batches of ``batch_size`` sequences (also used, whatever ``shared_prefix``,
-    for shortformer models, hooks after the last block and positions given as a boolean mask). Both give the
+    for shortformer models, hooks after the last block and positions given as a boolean mask; on a
+    TransformerBridge the cache is Hugging Face's own). Both give the
     same NLL (to float rounding), steered or not: each token sees the same context at the same position, and
     the named position policies pick the same tokens. With ``shared_prefix``, ``batch_size`` counts questions.
 
@@ -173,9 +175,15 @@ def _can_share(model: Host, ivs: list[Intervention]) -> bool:
     the scored positions only, so a hook there would see other positions), and no position given as a
     boolean mask (it indexes batch columns, which the shared path shifts, see :func:`_shared_prefix_nll`), and
     no kind whose change needs the whole input (:attr:`Intervention.needs_full_input`, COLD-FD): the options
-    run as cached continuation steps."""
+    run as cached continuation steps. On a TransformerBridge the cache is Hugging Face's own
+    (:func:`_bridge_shared_logprobs`), where its model's forward takes one and explicit positions."""
     if model.cfg.positional_embedding_type == "shortformer":
         return False
+    if is_bridge(model):
+        hf: Any = getattr(model, "original_model", None)  # the Hugging Face model the bridge wraps
+        accepted = inspect.signature(hf.forward).parameters if hf is not None else {}
+        if not {"past_key_values", "position_ids", "attention_mask"} <= set(accepted):
+            return False
     if any(iv.positions.kind == "mask" or iv.needs_full_input for iv in ivs):
         return False
     return all(HookSite.parse(name).layer is not None for iv in ivs for name in iv.hook_names)
@@ -218,6 +226,45 @@ def _final_logprobs(
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _bridge_shared_logprobs(
+    model: Host,
+    head: Int[Tensor, "q width"],
+    head_mask: Int[Tensor, "q width"],
+    cs: list[int],
+    owner: Int[Tensor, " rows"],
+    tokens: Int[Tensor, "rows pos"],
+    boundaries: tuple[Tensor, Tensor],
+    rows: list[int],
+    cols: list[int],
+) -> Float[Tensor, "scored vocab"]:
+    """The two passes of :func:`_shared_prefix_nll` on a TransformerBridge, through Hugging Face's own KV
+    cache (a ``DynamicCache``; the bridge takes no TransformerLens cache): the question pass computes the
+    logits of its last column only (``logits_to_keep=1``, nothing reads them), the cache is copied to one row
+    per option (``batch_select_indices``), and the option pass gets the question's mask and its positions
+    ``C_q + j`` explicitly (HookedTransformer numbers them by the mask). Log-probabilities at (rows[i],
+    cols[i]) of the option pass's logits."""
+    from transformers import DynamicCache
+
+    hf: Any = getattr(model, "original_model")  # noqa: B009 - the bridge's Hugging Face model, typed Any
+    try:
+        cache = DynamicCache(config=hf.config)  # sliding-window layers (Gemma 2, Mistral) need the config
+    except TypeError:  # an older transformers
+        cache = DynamicCache()
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+    with prompt_boundary(boundaries[0]):
+        model(head, attention_mask=head_mask, past_key_values=cache, use_cache=True, **keep)
+    index = owner.to(head.device)
+    cache.batch_select_indices(index)  # row k: the keys and values of option k's question
+    mask = torch.cat([head_mask[index], torch.ones_like(tokens)], dim=1)
+    positions = torch.as_tensor(cs, device=tokens.device)[owner.to(tokens.device)][:, None]
+    positions = positions + torch.arange(tokens.shape[1], device=tokens.device)[None]
+    with prompt_boundary(boundaries[1]):
+        logits = model(tokens, attention_mask=mask, past_key_values=cache, use_cache=True, position_ids=positions)
+    device = logits.device
+    picked = logits[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)]
+    return torch.log_softmax(picked.float(), dim=-1)
+
+
 def _shared_prefix_nll(
     model: Host, data: Tokenized, groups: list[list[int]], normalize: Normalize, batch_size: int
 ) -> Float[Tensor, " n"]:
@@ -253,16 +300,12 @@ def _shared_prefix_nll(
         owner = [k for k, q in enumerate(chunk) for _ in q]
         head = pad_right([data.sequences[q[0]][:c] for q, c in zip(chunk, cs, strict=True)], pad, device)
         head_mask = (torch.arange(width)[None] < torch.as_tensor(cs)[:, None]).long().to(device)
-        cache = _kv_cache(model, len(chunk))
+        owner_t = torch.as_tensor(owner, dtype=torch.long)
         # Every real position of the question pass is a prompt position of each of its options.
-        with prompt_boundary(torch.as_tensor([c + 1 for c in cs])):
-            model(head, past_kv_cache=cache, attention_mask=head_mask, stop_at_layer=n_layers)
-        cache = _expand_cache(cache, torch.as_tensor(owner, dtype=torch.long))
+        head_boundary = torch.as_tensor([c + 1 for c in cs])
         shift = [width - cs[owner[k]] for k in range(len(rows))]  # column = position + shift in pass 2
         tokens = pad_right([data.sequences[r][cs[owner[k]] :] for k, r in enumerate(rows)], pad, device)
         boundary = torch.as_tensor([data.starts[r] + shift[k] for k, r in enumerate(rows)])
-        with prompt_boundary(boundary):
-            final = model(tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), stop_at_layer=n_layers)
         # Position p of option k (relative to its question's C) predicts its token p + 1.
         sel_rows, sel_cols, target, which = [], [], [], []
         for k, r in enumerate(rows):
@@ -272,7 +315,20 @@ def _shared_prefix_nll(
                 sel_cols.append(p - c)
                 target.append(seq[p + 1])
                 which.append(k)
-        logprobs = _final_logprobs(model, final, sel_rows, sel_cols)
+        if is_bridge(model):
+            logprobs = _bridge_shared_logprobs(
+                model, head, head_mask, cs, owner_t, tokens, (head_boundary, boundary), sel_rows, sel_cols
+            )
+        else:
+            cache = _kv_cache(model, len(chunk))
+            with prompt_boundary(head_boundary):
+                model(head, past_kv_cache=cache, attention_mask=head_mask, stop_at_layer=n_layers)
+            cache = _expand_cache(cache, owner_t)
+            with prompt_boundary(boundary):
+                final = model(
+                    tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), stop_at_layer=n_layers
+                )
+            logprobs = _final_logprobs(model, final, sel_rows, sel_cols)
         token_lp = logprobs.gather(-1, torch.as_tensor(target, device=logprobs.device)[:, None])[:, 0].cpu()
         index = torch.as_tensor(which, dtype=torch.long)
         total = torch.zeros(len(rows), dtype=torch.float32).index_add_(0, index, -token_lp)

@@ -133,14 +133,20 @@ def diffmean_layers(
     sums: dict[str, Tensor] = {}
     captured: dict[str, Tensor] = {}
 
-    def capture(act: Tensor, hook: HookPoint) -> None:
-        captured[hook.name] = act.detach()  # type: ignore[index]
+    def capture(name: str) -> Callable[[Tensor, HookPoint], None]:
+        # Keyed by the name asked for: a bridge calls the hook with its own name (hook.name), not the alias.
+        def hook_fn(act: Tensor, hook: HookPoint) -> None:
+            captured[name] = act.detach()
+
+        return hook_fn
 
     with torch.no_grad():
         for idx in batches(lengths, batch_size, max_batch_tokens(model)):
             tokens = pad_right([data.sequences[i] for i in idx], pad, model.cfg.device or "cpu")
             captured.clear()
-            model.run_with_hooks(tokens, fwd_hooks=[(h, capture) for h in names], stop_at_layer=stop, return_type=None)
+            model.run_with_hooks(
+                tokens, fwd_hooks=[(h, capture(h)) for h in names], stop_at_layer=stop, return_type=None
+            )
             for h in names:
                 acts = captured[h].double()
                 if h not in sums:  # the hook's width is known once it has run

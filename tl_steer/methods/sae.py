@@ -50,8 +50,10 @@ SCALES = ("raw", "max_act", "norm")
 def _sae_class() -> Any:
     try:
         from sae_lens import SAE
-    except ImportError as exc:  # pragma: no cover - sae-lens is a dependency
-        raise MissingDependencyError("SAE feature steering needs sae-lens: pip install sae-lens") from exc
+    except ImportError as exc:  # sae-lens cannot be installed beside TransformerLens 4
+        from tl_steer.hosts import sae_lens_install_hint
+
+        raise MissingDependencyError(f"SAE feature steering needs sae-lens: {sae_lens_install_hint()}") from exc
     return SAE
 
 
@@ -332,6 +334,7 @@ def sae_feature(
     ``value = norm / |W_dec[i]|`` to add the norm of a DiffMean vector, as the report and
     :func:`rank_features` do, to compare with DiffMean at equal added norm.
     """
+    _sae_class()  # an SAE comes from sae-lens: without it, say what to install
     if mode not in MODES:
         raise ConfigError(f"unknown SAE edit mode {mode!r}; valid modes: {', '.join(MODES)}")
     if scale not in SCALES:
@@ -426,6 +429,7 @@ def rank_features(
 
     Returns one row per feature, sorted by AUROC (highest first).
     """
+    _sae_class()  # an SAE comes from sae-lens: without it, say what to install
     hook = check_sae(model, sae)
     items = check_pairs(pairs)
     if not isinstance(n_measure, int) or n_measure < 0:

@@ -29,6 +29,7 @@ from tl_steer.data import builtin_concepts, load_mc_items, load_pairs
 from tl_steer.data.pairs import CONCEPT_INSTRUCTIONS
 from tl_steer.errors import ConfigError, SaveError
 from tl_steer.hosts import Host
+from tl_steer.methods.split import FORMS
 from tl_steer.report import html
 from tl_steer.report.pipeline import ReportData, ReportSettings, cache_key, run_report
 from tl_steer.report.store import Store, _read_json
@@ -60,7 +61,8 @@ def grid_cells(
     """The settings of every cell (concept, layer), concepts first: ``concepts`` is a list of names or
     ``"all"`` (every name in ``known``; default: the built-in concepts). Each cell is
     ``ReportSettings.make(concept, layer, size=size, **kwargs)`` with the concept's own prompting
-    instruction unless ``kwargs`` gives one. Repeated names and layers count once."""
+    instruction unless ``kwargs`` gives one, and SFT/SPLIT in the forms ``tl-steer report`` uses (the vector
+    form; all three with ``size="full"``) unless it gives ``forms``. Repeated names and layers count once."""
     known = list(builtin_concepts() if known is None else known)
     given = [concepts] if isinstance(concepts, str) else list(concepts)
     names = list(dict.fromkeys(known if given == ["all"] else given))
@@ -73,6 +75,8 @@ def grid_cells(
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"unknown concept(s) {', '.join(unknown)}; choose among {', '.join(known)} or 'all'")
+    # the forms as tl-steer report chooses them: SFT/SPLIT as vectors only, all three forms with the full size
+    kwargs.setdefault("forms", FORMS if size == "full" else ("vector",))
     cells: list[ReportSettings] = []
     for name in names:
         extra = {"instruction": CONCEPT_INSTRUCTIONS.get(name)} | kwargs

@@ -15,7 +15,6 @@ files are written once, when its task returns, so nothing is lost or written twi
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import tempfile
 from collections.abc import Callable, Sequence
@@ -94,11 +93,12 @@ def connect(address: str) -> Session:
     check_reachable(address)
     if ray.is_initialized():
         return Session(ray, owned=False)
-    options: dict[str, Any] = {"logging_level": logging.WARNING}
-    if not address.startswith("ray://"):
-        options |= {"include_dashboard": False}
+    # Ray Client (ray://) passes further options on to the server's ray.init, with a warning: give none there
+    options: dict[str, Any] = {} if address.startswith("ray://") else {"logging_level": logging.WARNING}
+    if address == "local":
+        options["include_dashboard"] = False
     try:
-        ray.init(address=None if address == "local" else address, **options)
+        ray.init(address=address, **options)  # "local" always starts a new cluster, even with RAY_ADDRESS set
     except (ConnectionError, RuntimeError, TimeoutError) as exc:
         raise ConfigError(
             f"cannot connect to the Ray cluster at {address!r}: {exc}; start one with `ray start --head`, or use "
@@ -128,9 +128,6 @@ class CellWorker:
                 (root / rel).write_bytes(blob)
             run_cell(self.model, self.data(settings), settings, root)
             return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 def run_cells(

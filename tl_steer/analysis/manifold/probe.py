@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -163,8 +163,12 @@ class ManifoldProbe:
         stop = _stop_layer(model, names)
         captured: dict[str, Tensor] = {}
 
-        def capture(act: Tensor, hook: HookPoint) -> None:
-            captured[str(hook.name)] = act.detach()
+        def capture(name: str) -> Callable[[Tensor, HookPoint], None]:
+            # Keyed by the name asked for: a bridge calls the hook with its own name, not the alias.
+            def hook_fn(act: Tensor, hook: HookPoint) -> None:
+                captured[name] = act.detach()
+
+            return hook_fn
 
         lengths = [len(s) for s in sequences]
         pad = pad_token_id(model)
@@ -174,7 +178,7 @@ class ManifoldProbe:
                 tokens = pad_right([sequences[i] for i in idx], pad, model.cfg.device or "cpu")
                 captured.clear()
                 model.run_with_hooks(
-                    tokens, fwd_hooks=[(h, capture) for h in names], stop_at_layer=stop, return_type=None
+                    tokens, fwd_hooks=[(h, capture(h)) for h in names], stop_at_layer=stop, return_type=None
                 )
                 u = torch.cat([draws[i][1:] for i in idx])
                 for h in names:

@@ -4,6 +4,7 @@ steering")."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -351,13 +352,22 @@ def conditional(
 
 
 def _same_model(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Raise unless two :func:`~tl_steer.models.model_identity` records name the same weights (by shape,
+    embedding checksum and weight processing, not by name: the same weights are named differently on a
+    HookedTransformer and a TransformerBridge)."""
     from tl_steer.errors import ModelMismatchError
 
-    for key in ("d_model", "n_layers", "d_vocab", "model_name"):
-        if key in a and key in b and a[key] != b[key]:
+    for key in ("d_model", "n_layers", "d_vocab", "processed_weights"):
+        if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
             raise ModelMismatchError(
                 f"the condition probe was fitted on a model with {key}={b[key]!r}, the intervention made for {a[key]!r}"
             )
+    x, y = a.get("embed_checksum"), b.get("embed_checksum")
+    if x is not None and y is not None and not math.isclose(x, y, rel_tol=1e-3):
+        raise ModelMismatchError(
+            f"the condition probe was fitted on model {b.get('model_name')!r} and the intervention made for "
+            f"{a.get('model_name')!r}: their embedding checksums differ ({y:.6g} vs {x:.6g}), so their weights do"
+        )
 
 
 __all__ = ["ConditionProbe", "Conditional", "condition_probe", "conditional"]

@@ -13,8 +13,8 @@ from transformer_lens.hook_points import HookPoint
 from tl_steer.dtypes import master_dtype, scaled_grad
 from tl_steer.errors import ConfigError, TlSteerError
 from tl_steer.freezing import frozen
-from tl_steer.hosts import Host
-from tl_steer.methods.cold.blocks import _INPUT_HOOK, fd_blocks, parameters_before
+from tl_steer.hosts import Host, fired_name
+from tl_steer.methods.cold.blocks import _INPUT_HOOK, EMBED, POS_EMBED, embedding_tables, fd_blocks, parameters_before
 from tl_steer.methods.cold.examples import (
     Example,
     Loss,
@@ -147,10 +147,25 @@ def cold_fd_prefixes(
     prefixes = _check_prefixes(ns, len(ex))
     names = parameters_before(model, hook)
     params = dict(model.named_parameters())
+    # Names that are not parameters of the model (a bridge's embedding tables, see parameters_before) get
+    # their gradient from the gradient at the embedding's output.
+    tables = dict(zip((EMBED, POS_EMBED), embedding_tables(model), strict=True))
+    outputs = {EMBED: "hook_embed", POS_EMBED: "hook_pos_embed"}
+    virtual = [name for name in names if name not in params]
+    real = [name for name in names if name in params]
     data = _tokenize(model, ex, chat)
-    sums = {name: torch.zeros_like(params[name], dtype=torch.float64) for name in names}
+    shapes = {name: table for name, table in tables.items() if table is not None} | params
+    sums = {name: torch.zeros_like(shapes[name], dtype=torch.float64) for name in names}
     first_input: list[Tensor] = []
     seen: dict[str, Tensor] = {}
+    leaves: dict[str, Tensor] = {}
+
+    def leaf(act: Tensor, hook: HookPoint) -> Tensor:
+        # The embedding's output as a leaf of the graph: its gradient is dL/d(output).
+        out = act.detach().requires_grad_(True)
+        leaves[str(hook.name)] = out
+        return out
+
     # Per batch so far: (block-0 input, clean activation at the hook, lengths), to measure dZ's norm.
     passes: list[tuple[Tensor, Tensor, Tensor]] = []
     reference = ReferenceNorm(paired=ex.negatives is not None)
@@ -163,13 +178,22 @@ def cold_fd_prefixes(
     first_tokens: Tensor | None = None
     count = 0
     for b in _batches(model, ex, data, _groups(ex, data, batch_size, prefixes)):
-        with frozen(model, names), torch.enable_grad():
-            logits = model.run_with_hooks(b.tokens, fwd_hooks=[(_INPUT_HOOK, record), (hook, record)])
+        leaves.clear()
+        taps = [(outputs[name], leaf) for name in virtual]
+        with frozen(model, real), torch.enable_grad():
+            logits = model.run_with_hooks(b.tokens, fwd_hooks=[*taps, (_INPUT_HOOK, record), (hook, record)])
             batch_loss = _losses(completion_logprob(logits, b.tokens, b.starts, b.lengths), ex.loss, beta).sum()
-            grads = scaled_grad(batch_loss, [params[n] for n in names], model, allow_unused=True)
+            wrt = [params[n] for n in real] + [leaves[fired_name(model, outputs[n])] for n in virtual]
+            found = scaled_grad(batch_loss, wrt, model, allow_unused=True)
         del logits
-        reference.add(seen[hook], b)
-        passes.append((seen[_INPUT_HOOK], seen[hook], b.lengths))
+        by_name = dict(zip(real + virtual, found, strict=True))
+        for name in virtual:
+            by_name[name] = _table_gradient(by_name[name], b.tokens if name == EMBED else None, sums[name].shape)
+        grads = [by_name[n] for n in names]
+        # Recorded under the name the hook fired with (a bridge's own name for an alias).
+        at_hook, at_input = seen[fired_name(model, hook)], seen[fired_name(model, _INPUT_HOOK)]
+        reference.add(at_hook, b)
+        passes.append((at_input, at_hook, b.lengths))
         if first_tokens is None:
             first_tokens = b.tokens
         for name, grad in zip(names, grads, strict=True):
@@ -198,6 +222,17 @@ def cold_fd_prefixes(
         intervention.unit = unit_for(reference_norm, _mean_dz_norm(model, intervention, passes))
         intervention.info |= {"reference_norm": reference_norm, "reference": reference.describe()}
         yield count, intervention
+
+
+def _table_gradient(d_out: Tensor | None, tokens: Tensor | None, shape: torch.Size) -> Tensor | None:
+    """The gradient of an embedding table from the gradient at its output ``d_out`` [batch, pos, d]: row t of
+    W_E gathers the positions holding token t (``tokens``); row p of W_pos the positions p (``tokens`` None).
+    Exact for a lookup table: the output at a position is the row it looked up."""
+    if d_out is None:
+        return None
+    rows = tokens if tokens is not None else torch.arange(d_out.shape[1], device=d_out.device).expand(d_out.shape[:2])
+    grad = torch.zeros(shape, dtype=d_out.dtype, device=d_out.device)
+    return grad.index_add_(0, rows.reshape(-1), d_out.reshape(-1, d_out.shape[-1]))
 
 
 def _mean_dz_norm(model: Host, iv: ColdFD, passes: list[tuple[Tensor, Tensor, Tensor]]) -> float:

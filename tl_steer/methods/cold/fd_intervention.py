@@ -27,8 +27,10 @@ no other intervention changes activations at or before its hook.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,14 +39,17 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from tl_steer.dtypes import is_half
-from tl_steer.errors import ConfigError, DataError, HookNameError, ShapeError, TlSteerError
-from tl_steer.hosts import Host
+from tl_steer.errors import ConfigError, DataError, HookNameError, ModelMismatchError, ShapeError, TlSteerError
+from tl_steer.hosts import Host, is_bridge
 from tl_steer.interventions import EditEntry, Intervention, ReadOnly
 from tl_steer.methods.cold.blocks import (
     _FD_HOOK,
     _INPUT_HOOK,
     _SCORES_HOOK,
+    EMBED,
+    POS_EMBED,
     _hooks_suspended,
+    embedding_tables,
     fd_blocks,
     parameters_before,
 )
@@ -145,18 +150,18 @@ class ColdFD(Intervention):
         if set(g) != expected:
             missing, extra = sorted(expected - set(g)), sorted(set(g) - expected)
             raise ShapeError(f"g must hold the parameters before {hook!r}; missing {missing[:5]}, extra {extra[:5]}")
-        for name in g:
-            other_embedding = name.startswith(("embed.", "pos_embed.")) and name not in ("embed.W_E", "pos_embed.W_pos")
-            if other_embedding and g[name].abs().max() > 0:
+        embedding = [name for name in g if name.startswith(("embed.", "pos_embed."))]
+        for name in embedding:
+            if name not in (EMBED, POS_EMBED) and g[name].abs().max() > 0:
                 raise TlSteerError(f"cold_fd does not support embedding parameters other than W_E / W_pos ({name})")
-        w_e = g["embed.W_E"]
+        w_e = g[EMBED]
         index = (w_e != 0).any(-1).nonzero()[:, 0]
         iv = cls(
             hook,
-            {k: v for k, v in g.items() if k.startswith("blocks.")},
+            {k: v for k, v in g.items() if k not in embedding},
             embed_index=index,
             embed_grad=w_e[index],
-            pos_grad=g.get("pos_embed.W_pos"),
+            pos_grad=g.get(POS_EMBED),
             eta=eta,
             eps=eps,
             fd_method=fd_method,
@@ -248,16 +253,25 @@ class ColdFD(Intervention):
             )
         params = dict(model.named_parameters())
         for name, t in self.grads.items():
+            if name not in params and (name.startswith("blocks.") == is_bridge(model)):
+                hosts = ("a HookedTransformer", "a TransformerBridge")
+                made, here = hosts if is_bridge(model) else hosts[::-1]
+                raise ModelMismatchError(
+                    f"this ColdFD was made on {made}: it holds its gradient under that host's parameter names "
+                    f"({name!r}), which {here} does not have. Make it again on this model with tl_steer.cold_fd "
+                    "(the same examples give the same dZ on either host)"
+                )
             if name not in params or params[name].shape != t.shape:
                 raise ShapeError(f"ColdFD's gradient {name!r} of shape {tuple(t.shape)} does not fit this model")
         if self.embed_index.numel() and int(self.embed_index.max()) >= model.cfg.d_vocab:
             raise ShapeError("ColdFD's embedding gradient refers to tokens outside this model's vocabulary")
         if (self.pos_grad is None) != (model.cfg.positional_embedding_type != "standard"):
             raise ShapeError("ColdFD's position-embedding gradient does not fit this model's positional embeddings")
-        if self.pos_grad is not None and self.pos_grad.shape != model.W_pos.shape:
+        w_pos = embedding_tables(model)[1]
+        if self.pos_grad is not None and w_pos is not None and self.pos_grad.shape != w_pos.shape:
             raise ShapeError(
                 f"ColdFD's position-embedding gradient has shape {tuple(self.pos_grad.shape)}, but this model's "
-                f"W_pos has {tuple(model.W_pos.shape)}"
+                f"W_pos has {tuple(w_pos.shape)}"
             )
 
     def with_positions(self, positions: PositionsLike) -> ColdFD:
@@ -300,6 +314,7 @@ class ColdFD(Intervention):
         """
         batch, pos, d = resid0.shape
         flat = resid0.reshape(-1, d)
+        w_e, w_pos = embedding_tables(model)
         pos_embed: Tensor | None = None
         pos_ids: Tensor | None = None
         pad: Tensor | None = None
@@ -309,7 +324,8 @@ class ColdFD(Intervention):
             else:
                 pos_ids = (key_mask.cumsum(dim=1) - 1).clamp(min=0)
                 pad = key_mask == 0
-            pos_embed = model.W_pos[pos_ids]
+            assert w_pos is not None
+            pos_embed = w_pos[pos_ids]
             if pad is not None:
                 pos_embed = torch.where(pad[..., None], torch.zeros_like(pos_embed), pos_embed)
         # The gradient keeps its own (master) precision: in float16 most of its entries are subnormal.
@@ -318,7 +334,7 @@ class ColdFD(Intervention):
         tokens = torch.full((batch * pos,), -1, dtype=torch.long, device=resid0.device)
         index = self.embed_index.to(resid0.device)
         if index.numel():
-            rows = model.W_E[index].detach()
+            rows = w_e[index].detach()
             target = flat - pos_embed.reshape(-1, d) if pos_embed is not None else flat
             nearest = torch.cdist(target, rows).argmin(-1)
             candidate = rows[nearest]
@@ -350,14 +366,14 @@ class ColdFD(Intervention):
         entry near 1 before it is cast to the model's dtype, and the result divided by it in float32: the
         JVP is linear in the tangent, and unscaled most entries of g would be subnormal in float16."""
         direction, _ = self.embedding_direction(model, resid0, key_mask)
-        kwargs: dict[str, Any] = {"start_at_layer": 0, "stop_at_layer": self.n_blocks, "attention_mask": key_mask}
-        with torch.no_grad(), _hooks_suspended(model, self.n_blocks):
+        partial_pass = _PartialPass(model, self.n_blocks, key_mask)
+        with torch.no_grad(), _hooks_suspended(model, self.n_blocks), partial_pass.no_cache_capture():
             self.n_perturbed_passes += 1
             if self.method_for(model) == "fd":
                 if perturbed is None:
                     perturbed = self.perturbed_parameters(model)
                 shifted = (resid0 + self.eps * direction).to(resid0.dtype)
-                z = torch.func.functional_call(model, perturbed, (shifted,), kwargs)
+                z = partial_pass(perturbed, shifted)
                 return -(self.eta / self.eps) * (z - activation)
             scale = 1.0
             if is_half(model):
@@ -371,11 +387,7 @@ class ColdFD(Intervention):
             }
             params = dict(model.named_parameters())
             primals = {k: params[k].detach() for k in tangents}
-
-            def partial(ps: dict[str, Tensor], r: Tensor) -> Tensor:
-                return torch.func.functional_call(model, ps, (r,), kwargs)
-
-            out = torch.func.jvp(partial, (primals, resid0), (tangents, (direction * scale).to(resid0.dtype)))
+            out = torch.func.jvp(partial_pass, (primals, resid0), (tangents, (direction * scale).to(resid0.dtype)))
             dz = out[1] if scale == 1.0 else out[1].float() / scale
             return -self.eta * dz
 
@@ -429,6 +441,79 @@ class ColdFD(Intervention):
                 )
 
 
+@contextlib.contextmanager
+def _parameters_replaced(model: Host, params: dict[str, Tensor]) -> Iterator[None]:
+    """The model's parameters named in ``params`` replaced by those tensors for the duration of the block,
+    and the very same Parameter objects put back afterwards (also on error).
+
+    Why not ``torch.func.functional_call``: a bridge reaches each Hugging Face module under two paths (its
+    own component and the Hugging Face model's), and functional_call, which saves and restores per path,
+    then restores the second path to the tensor it put in: measured on TransformerLens 3.9, the bridge
+    kept the perturbed weights after the call. Swapping once per module object has no such order."""
+    slots: list[tuple[torch.nn.Module, str, Any]] = []
+    try:
+        for name, value in params.items():
+            path, _, attr = name.rpartition(".")
+            module = model.get_submodule(path)
+            slots.append((module, attr, module._parameters[attr]))
+            module._parameters[attr] = value  # type: ignore[assignment]
+        yield
+    finally:
+        for module, attr, original in reversed(slots):
+            module._parameters[attr] = original
+
+
+class _PartialPass:
+    """The blocks before a ColdFD's hook, run from a given block-0 input ``resid`` with the parameters
+    ``params`` (by name) in place of the model's: ``pass_(params, resid)`` is the residual after block
+    ``n_blocks - 1``, a function of both (torch.func transforms it).
+
+    A HookedTransformer starts there (``start_at_layer=0``). A bridge cannot (Hugging Face's forward starts
+    at the token embedding): it runs from placeholder tokens with ``resid`` put in at block 0's input by a
+    hook and the result read at the last block's output, stopping there (``stop_at_layer``) unless that is
+    the last block. The same function of ``params`` and ``resid``; positions come from ``key_mask`` on both."""
+
+    def __init__(self, model: Host, n_blocks: int, key_mask: Tensor | None) -> None:
+        self.model, self.n_blocks, self.key_mask = model, n_blocks, key_mask
+
+    def __call__(self, params: dict[str, Tensor], resid: Tensor) -> Tensor:
+        model = self.model
+        kwargs: dict[str, Any] = {"attention_mask": self.key_mask}
+        if not is_bridge(model):
+            kwargs |= {"start_at_layer": 0, "stop_at_layer": self.n_blocks}
+            return torch.func.functional_call(model, params, (resid,), kwargs)
+        seen: list[Tensor] = []
+
+        def put(act: Tensor, hook: HookPoint) -> Tensor:
+            return resid
+
+        def take(act: Tensor, hook: HookPoint) -> None:
+            seen.append(act)
+
+        if self.n_blocks < model.cfg.n_layers:
+            kwargs["stop_at_layer"] = self.n_blocks
+        tokens = torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
+        hooks = [(_INPUT_HOOK, put), (f"blocks.{self.n_blocks - 1}.hook_resid_post", take)]
+        with _parameters_replaced(model, params), model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
+            model(tokens, **kwargs)
+        return seen[-1]
+
+    @contextlib.contextmanager
+    def no_cache_capture(self) -> Iterator[None]:
+        """Keep a bridge's generate (KV cache) from taking this pass's Hugging Face cache for its own: the
+        perturbed pass runs inside a hook of the steered prompt pass, whose cache generation goes on from."""
+        flag = getattr(self.model, "_capture_hf_cache", None)
+        if flag is None:
+            yield
+            return
+        model: Any = self.model
+        model._capture_hf_cache = False
+        try:
+            yield
+        finally:
+            model._capture_hf_cache = flag
+
+
 class _Run:
     """The per-installation state of a ColdFD: what the recorders saw in the current forward pass."""
 
@@ -448,8 +533,8 @@ class _Run:
         self.state.record_offset(scores, hook)
         self.offset = int(scores.shape[-1] - scores.shape[-2])
         # A real key is attended by at least its own query (causal or local attention); a padding key is
-        # masked (-inf) for every query.
-        keys = torch.isfinite(scores[:, 0]).any(dim=-2)
+        # masked for every query: -inf on a HookedTransformer, the dtype's minimum (plus the score) on a bridge.
+        keys = (scores[:, 0] > torch.finfo(scores.dtype).min / 2).any(dim=-2)
         self.key_mask = None if bool(keys.all()) else keys.to(torch.long)
 
     def edit(self, activation: Tensor, hook: HookPoint, raw: float) -> Tensor:
