@@ -247,8 +247,18 @@ def _process_weights_in_place_dtype(
 BRIDGE_ARCHITECTURES = ("llama", "gpt2", "neox")
 
 
-def make_hf(arch: str = "llama", *, seed: int = 0, d_model: int = 32, dtype: torch.dtype = torch.float64) -> Any:
-    """A tiny random Hugging Face causal LM (3 layers) over :func:`make_tokenizer`'s vocabulary."""
+def make_hf(
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    d_model: int = 32,
+    dtype: torch.dtype = torch.float64,
+    n_layers: int = 3,
+    d_mlp: int | None = None,
+    initializer_range: float = 0.2,
+) -> Any:
+    """A tiny random Hugging Face causal LM (3 layers, d_mlp = 2 d_model by default) over
+    :func:`make_tokenizer`'s vocabulary."""
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -260,39 +270,46 @@ def make_hf(arch: str = "llama", *, seed: int = 0, d_model: int = 32, dtype: tor
 
     torch.manual_seed(seed)
     vocab = len(make_tokenizer())
+    d_mlp = 2 * d_model if d_mlp is None else d_mlp
     special = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
     if arch == "llama":
         cfg: Any = LlamaConfig(
             vocab_size=vocab,
             hidden_size=d_model,
-            intermediate_size=2 * d_model,
-            num_hidden_layers=3,
+            intermediate_size=d_mlp,
+            num_hidden_layers=n_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=128,
             rms_norm_eps=1e-5,
             tie_word_embeddings=True,
-            initializer_range=0.2,
+            initializer_range=initializer_range,
             **special,
         )
         hf: Any = LlamaForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = GPT2Config(
-            vocab_size=vocab, n_positions=128, n_embd=d_model, n_layer=3, n_head=4, initializer_range=0.2, **special
+            vocab_size=vocab,
+            n_positions=128,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=4,
+            initializer_range=initializer_range,
+            **special,
         )
         hf = GPT2LMHeadModel(cfg)
     elif arch == "neox":
         cfg = GPTNeoXConfig(
             vocab_size=vocab,
             hidden_size=d_model,
-            intermediate_size=2 * d_model,
-            num_hidden_layers=3,
+            intermediate_size=d_mlp,
+            num_hidden_layers=n_layers,
             num_attention_heads=4,
             max_position_embeddings=128,
             rotary_pct=0.25,
             use_parallel_residual=True,
             tie_word_embeddings=False,
-            initializer_range=0.2,
+            initializer_range=initializer_range,
             **special,
         )
         hf = GPTNeoXForCausalLM(cfg)

@@ -7,63 +7,27 @@ import copy
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from conftest import make_hf, make_model, make_tokenizer
+from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM
 
 import tl_steer
 import tl_steer.models as models
 from tl_steer.hosts import is_bridge
 
 
+# Hugging Face's own initialisation (range 0.02), float32, 2 layers, d_model 64: conftest.make_hf's settings
+# for these tests, which compare converted and wrapped models with Hugging Face's logits in float32.
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_hf("llama", d_model=64, dtype=torch.float32, n_layers=2, initializer_range=0.02)
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=300, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=1)
-    return GPT2LMHeadModel(cfg).eval()
+    return make_hf("gpt2", d_model=64, dtype=torch.float32, n_layers=2, initializer_range=0.02)
 
 
 def tiny_neox() -> GPTNeoXForCausalLM:
     """Pythia's layout: parallel attention and MLP, rotary on a quarter of each head, untied unembedding."""
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    return GPTNeoXForCausalLM(cfg).eval()
+    return make_hf("neox", d_model=64, dtype=torch.float32, n_layers=2, d_mlp=256, initializer_range=0.02)
 
 
 @pytest.mark.parametrize("make_hf", [tiny_llama, tiny_gpt2, tiny_neox], ids=["llama", "gpt2", "neox"])
