@@ -306,7 +306,9 @@ def test_judges_and_generation_sweep_agree_across_hosts(gpt2_pair):
     for judge in (probes["hooked"], FluencyJudge(), RelevanceJudge()):
         a, b = judge.score(hooked, *texts), judge.score(bridge, *texts)
         for key in a:
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-8, err_msg=key)
+            # NLLs are taken in float32 (log_softmax of the scored positions on the HookedTransformer, of every
+            # position on the bridge): relevance, a difference of two NLLs, agrees to float32 rounding
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=2e-6, err_msg=key)
     question = "Rate the text from 0 to 2: hello world, the weather is fine."
     answers = [LLMJudge(m, concept="toy", max_new_tokens=5).ask(question) for m in (hooked, bridge)]
     assert answers[0] == answers[1]
@@ -321,8 +323,8 @@ def test_judges_and_generation_sweep_agree_across_hosts(gpt2_pair):
     assert runs[0].items["completion"].tolist() == runs[1].items["completion"].tolist()
     numeric = runs[0].summary().select_dtypes("number").columns
     np.testing.assert_allclose(
-        runs[1].summary()[numeric].to_numpy(float), runs[0].summary()[numeric].to_numpy(float), rtol=1e-6, atol=1e-8
-    )
+        runs[1].summary()[numeric].to_numpy(float), runs[0].summary()[numeric].to_numpy(float), rtol=1e-6, atol=5e-6
+    )  # relevance differs by float32 rounding (see above)
     assert no_hooks_left(bridge)
 
 

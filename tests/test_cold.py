@@ -581,3 +581,39 @@ def test_sample_efficiency_on_pairs_and_bad_settings(tiny):
         sample_efficiency(tiny, "sentiment", methods=("caa",), train_pairs=PAIRS, **common)
     with pytest.raises(ValueError, match="train_on"):
         sample_efficiency(tiny, "sentiment", train_on="both", train_pairs=PAIRS, **common)
+
+
+@pytest.mark.parametrize("method", ["fd", "jvp"])
+def test_dz_is_kept_per_input_across_strengths(tiny, method):
+    """dZ(x) does not depend on m: a second pass over the same tokens at another strength runs no perturbed
+    pass and equals the pass with the memo off; other tokens, or weights edited in place, run it again."""
+    model = tiny
+    tokens = right_padded(model, TEXTS)
+    iv = cold_fd(model, PAIRS, HOOK, method=method, eps=1e-6 if method == "fd" else None)
+    off = cold_fd(model, PAIRS, HOOK, method=method, eps=1e-6 if method == "fd" else None)
+    off.memo_bytes = 0
+    clean = model(tokens).detach()
+    with torch.no_grad():
+        for m in (1.0, 2.5):
+            passes = iv.n_perturbed_passes
+            with tl_steer.steer(model, iv, m=m):
+                kept = model(tokens)
+            assert iv.n_perturbed_passes == passes + (1 if m == 1.0 else 0)
+            with tl_steer.steer(model, off, m=m):
+                fresh = model(tokens)
+            torch.testing.assert_close(kept, fresh, rtol=0, atol=0)
+            assert (kept - clean).abs().max() > 1e-3
+        passes = iv.n_perturbed_passes
+        with tl_steer.steer(model, iv, m=1.0):
+            model(right_padded(model, ["Something else entirely"]))  # other tokens
+        assert iv.n_perturbed_passes == passes + 1
+        weight = model.blocks[0].attn.W_Q
+        saved = weight.clone()
+        try:
+            weight.mul_(1.1)
+            with tl_steer.steer(model, iv, m=1.0):
+                model(tokens)
+            assert iv.n_perturbed_passes == passes + 2
+        finally:
+            weight.copy_(saved)
+    assert no_hooks_left(model)

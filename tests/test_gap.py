@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import make_bridge, make_model, no_hooks_left
@@ -138,3 +139,24 @@ def test_parts_without_zero_or_baseline(model, vector) -> None:
     assert set(part.items["condition"]) == {"vec"} and set(part.items["m"]) == {2.0}
     with pytest.raises(ConfigError, match="no conditions"):
         capability_behavior_gap(model, [], HELD_OUT, ITEMS, include_baseline=False)
+
+
+def test_given_sweeps_replace_scoring_at_the_strengths_they_hold(model, vector, result) -> None:
+    """Per-pair tables given in ``sweeps`` are used at the strengths they hold (the others are scored): the
+    same result as scoring everything; a table that does not hold every pair is refused before any work."""
+    sweep = tl_steer.preference_utility(model, vector, HELD_OUT, [1.0], label="vec", progress=False).table
+    prompt = tl_steer.preference_utility(model, None, HELD_OUT, instruction=INSTRUCTION, progress=False).table
+    conditions = conditions_for({"vec": vector}, INSTRUCTION)
+    conditions.append(Condition("vec, own grid", vector, ms=(2.0,)))
+    given = capability_behavior_gap(
+        model,
+        conditions,
+        HELD_OUT,
+        ITEMS,
+        ms=(0, 1, 3),
+        progress=False,
+        sweeps={"vec": sweep.iloc[::-1], "prompting": prompt},  # in any row order
+    )
+    pd.testing.assert_frame_equal(given.items, result.items, check_exact=False, atol=1e-9, rtol=0)
+    with pytest.raises(ConfigError, match="not one per behaviour pair"):
+        capability_behavior_gap(model, conditions, HELD_OUT, ITEMS, progress=False, sweeps={"vec": sweep.iloc[1:]})

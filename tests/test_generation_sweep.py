@@ -305,3 +305,22 @@ def test_gap_takes_behaviour_from_generated_text(tiny):
     other = make_model("llama", seed=1)
     with pytest.raises(tl_steer.ModelMismatchError):
         capability_behavior_gap(other, [], _pairs()[:4], ITEMS[:4], text=text, progress=False)
+
+
+def test_text_behaviour_judges_known_completions_instead_of_generating(tiny):
+    """``known`` completions are judged as given (the same scores as generating them), and must number one
+    per prompt."""
+    from tl_steer import generate
+    from tl_steer.analysis.generation_sweep import TextBehavior
+
+    probe = ProbeJudge.fit(tiny, _pairs(), _pairs()[:4], concept="toy")
+    prompts = ("hello world, the", "I went to the market and", "The film")
+    texts = tuple(generate(tiny, None, list(prompts), [0.0], max_new_tokens=5, batch_size=16)["completion"])
+    fresh = TextBehavior(prompts, probe, max_new_tokens=5)
+    known = TextBehavior(prompts, probe, max_new_tokens=5, known={("no steering", 0.0): texts})
+    clean = Condition("no steering")
+    np.testing.assert_allclose(known.scores(tiny, clean, 0.0), fresh.scores(tiny, clean, 0.0), atol=1e-12)
+    other = TextBehavior(prompts, probe, known={("no steering", 0.0): ("a dog", "a cat", "a bird")})
+    assert not np.allclose(other.scores(tiny, clean, 0.0), fresh.scores(tiny, clean, 0.0))
+    with pytest.raises(ConfigError, match="one per prompt"):
+        TextBehavior(prompts, probe, known={("x", 1.0): ("only one",)})

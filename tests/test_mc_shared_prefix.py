@@ -82,7 +82,8 @@ def test_the_unembedding_runs_only_where_an_option_token_is_scored(one_thread):
     data = tokenize_completions(model, prompts, [c for i in ITEMS for c in mc_completions(i)])
     scored = sum(len(s) - st for s, st in zip(data.sequences, data.starts, strict=True))
     assert fast == scored  # one unembedded position per scored option token
-    assert slow > 2 * fast  # the full path unembeds every (padded) position
+    # the full-sequence path too (completion_nll stops after the blocks and unembeds the scored positions)
+    assert slow == scored
 
 
 def test_accuracy_is_the_same_on_both_paths(one_thread):
@@ -116,3 +117,88 @@ def test_a_one_token_prompt_and_a_position_mask_take_the_full_path(one_thread):
     iv = AddVector("blocks.1.hook_resid_post", vector(model), positions=mask)
     fast, slow = both(model, interventions=[iv])
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
+
+
+# ----- the clean blocks before the intervention, kept across calls (MCCleanPrefix) -----------------------
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("policy", ["all", "prompt", "generated", "last_prompt"])
+def test_clean_prefix_equals_the_full_sequence_path(arch, policy, one_thread):
+    """Scoring restarted from the kept clean residuals equals the full-sequence path, for several
+    interventions and strengths through one MCCleanPrefix (the first call fills it, the later ones reuse it),
+    with and without an instruction. A hook before attention restarts one block earlier: the block before
+    tells it the cache offset its position policy needs."""
+    from tl_steer.analysis.capability import MCCleanPrefix, restart_layer
+
+    model = make_model(arch)
+    post = AddVector("blocks.2.hook_resid_post", vector(model))
+    pre = AddVector("blocks.2.hook_resid_pre", vector(model))
+    assert restart_layer(post, 3) == 2 and restart_layer(pre, 3) == 1
+    clean = MCCleanPrefix(model, 1)
+    for seed, hook, m, instruction in [
+        (0, "blocks.2.hook_resid_pre", 1.5, None),
+        (1, "blocks.2.hook_resid_post", 2.0, None),
+        (2, "blocks.2.hook_resid_pre", -1.0, "Answer well."),
+        (3, "blocks.1.hook_resid_post", 1.0, None),
+    ]:
+        iv = AddVector(hook, vector(model, seed=seed), positions=policy)
+        kwargs = {"interventions": [iv], "m": m, "instruction": instruction}
+        fast = mc_option_nll(model, ITEMS, batch_size=3, clean_prefix=clean, **kwargs)
+        slow = mc_option_nll(model, ITEMS, batch_size=5, shared_prefix=False, **kwargs)
+        torch.testing.assert_close(fast, slow, rtol=0, atol=1e-4)
+    assert clean._chunks  # it was used, not bypassed
+    assert no_hooks_left(model)
+
+
+def test_clean_prefix_runs_only_the_blocks_from_its_start(one_thread):
+    """After the first call, a steered scoring through the clean prefix runs no block before its start; the
+    residuals are recomputed after a weight changes in place; an intervention before the start bypasses it."""
+    from tl_steer.analysis.capability import MCCleanPrefix
+
+    model = make_model("llama")
+    clean = MCCleanPrefix(model, 2)
+    calls = {i: 0 for i in range(model.cfg.n_layers)}
+    handles = [
+        b.register_forward_hook(lambda mod, args, out, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, b in enumerate(model.blocks)
+    ]
+    try:
+        iv = AddVector("blocks.2.hook_resid_post", vector(model))
+        first = mc_option_nll(model, ITEMS, interventions=[iv], m=1.0, clean_prefix=clean)
+        assert calls[0] > 0 and calls[2] > 0
+        calls.update(dict.fromkeys(calls, 0))
+        again = mc_option_nll(model, ITEMS, interventions=[iv], m=2.0, clean_prefix=clean)
+        assert calls[0] == calls[1] == 0 and calls[2] > 0
+        assert (again - first)[torch.isfinite(first)].abs().max() > 1e-3
+        with torch.no_grad():
+            model.blocks[0].mlp.W_out.mul_(1.5)  # the clean residual changes: what was kept is stale
+        calls.update(dict.fromkeys(calls, 0))
+        edited = mc_option_nll(model, ITEMS, interventions=[iv], m=2.0, clean_prefix=clean)
+        assert calls[0] > 0
+        torch.testing.assert_close(edited, mc_option_nll(model, ITEMS, interventions=[iv], m=2.0), rtol=0, atol=1e-6)
+        early = AddVector("blocks.0.hook_resid_post", vector(model))
+        assert not clean.applies(model, [early])
+        torch.testing.assert_close(
+            mc_option_nll(model, ITEMS, interventions=[early], clean_prefix=clean),
+            mc_option_nll(model, ITEMS, interventions=[early], shared_prefix=False),
+            rtol=0,
+            atol=1e-4,
+        )
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_clean_prefix_is_inert_on_a_bridge(one_thread):
+    from tl_steer.analysis.capability import MCCleanPrefix
+
+    bridge = make_bridge("llama")
+    clean = MCCleanPrefix(bridge, 2)
+    iv = AddVector("blocks.2.hook_resid_pre", vector(bridge))
+    assert clean.start is None and not clean.applies(bridge, [iv])
+    fast = mc_option_nll(bridge, ITEMS, interventions=[iv], clean_prefix=clean)
+    torch.testing.assert_close(
+        fast, mc_option_nll(bridge, ITEMS, interventions=[iv], shared_prefix=False), rtol=0, atol=1e-4
+    )
+    assert not clean._chunks

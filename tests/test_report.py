@@ -7,7 +7,9 @@ import os
 import re
 import shutil
 import subprocess
+from functools import partial
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_model, no_hooks_left
@@ -404,6 +406,46 @@ def test_the_full_gap_measures_behaviour_on_generated_text(model, tmp_path) -> N
     direct = behaviour.scores(model, Condition("diffmean", tl_steer_load_diffmean(tmp_path)), 1.0)
     at_one = text[(text["condition"] == "diffmean") & (text["m"] == 1.0)]["value"]
     assert at_one.mean() == pytest.approx(float(direct.mean()), abs=1e-6)
+    assert no_hooks_left(model)
+
+
+def test_the_gap_judges_the_steered_text_steps_completions(model, tmp_path, monkeypatch) -> None:
+    """Where the gap's text prompts and length are the steered-text step's (as in the full size), the gap
+    judges that step's completions instead of generating them again: fewer generate calls, the same scores
+    as generating them (greedy decoding of the same batches)."""
+    from tl_steer.analysis import generation_sweep
+    from tl_steer.analysis.gap import Condition
+    from tl_steer.analysis.generation_sweep import TextBehavior
+    from tl_steer.judges.probe import ProbeJudge
+    from tl_steer.report.generation_section import GEN_SIZES
+
+    n_prompts, n_new = GEN_SIZES["standard"]  # the tiny settings' steered-text size
+    monkeypatch.setattr(pipeline, "GAP_TEXT_PROMPTS", n_prompts)
+    monkeypatch.setattr(pipeline, "GAP_TEXT_TOKENS", n_new)
+    calls: list[tuple[str, ...]] = []
+    real = generation_sweep.generate
+
+    def counting(model, condition, prompts, ms, **kwargs):
+        calls.append((condition.name, *map(str, ms)))
+        return real(model, condition, prompts, ms, **kwargs)
+
+    monkeypatch.setattr(generation_sweep, "generate", counting)
+    run = partial(run_report, model, data(), settings(methods=("diffmean",), gap_text=True), tmp_path)
+    result = run(progress=False, log=lambda _: None)
+    # no steering (m = 0) and diffmean at m = 1 and 2 come from the steered-text step; the rest is generated
+    assert sorted(calls) == sorted(
+        [("diffmean", "0.25"), *(("diffmean + prompting", m) for m in ("0.25", "1.0", "2.0"))]
+    )
+    judge = ProbeJudge.fit(model, PAIRS, HELD_OUT, concept="tiny")
+    prompts = tuple(dict.fromkeys(p.prompt for p in HELD_OUT))[:n_prompts]
+    behaviour = TextBehavior(prompts, judge, max_new_tokens=n_new)
+    assert result.gap is not None
+    text = result.gap.items[result.gap.items["metric"] == "text_behavior"]
+    vector = tl_steer_load_diffmean(tmp_path)
+    for m in (1.0, 2.0):
+        direct = behaviour.scores(model, Condition("diffmean", vector), m)
+        got = text[(text["condition"] == "diffmean") & (text["m"] == m)].sort_values("item")["value"]
+        np.testing.assert_allclose(got.to_numpy(), direct, atol=1e-9)
     assert no_hooks_left(model)
 
 

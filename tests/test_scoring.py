@@ -282,3 +282,85 @@ def test_generated_positions_steer_only_the_completion(tiny) -> None:
     clean = tl_steer.completion_nll(tiny, PROMPTS, COMPLETIONS)
     assert (got - clean).abs().max() > 1e-3
     assert (got - everywhere).abs().max() > 1e-3
+
+
+# ----- unembedding only the scored positions ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_nll_from_final_equals_full_logits(tiny_any, reduction):
+    """The NLL from the final residual, unembedded at the scored positions only, equals the NLL from the
+    full logits (every architecture's final norm; a soft cap on the llama)."""
+    from tl_steer.scoring import nll_from_final, nll_from_logits, pad_token_id
+
+    model = tiny_any
+    data = tokenize_completions(model, PROMPTS, COMPLETIONS)
+    tokens, starts, lens = data.batch(list(range(len(data))), pad_token_id(model), "cpu")
+    with torch.no_grad():
+        expected = nll_from_logits(model(tokens), tokens, starts, lens, reduction)
+        final = model(tokens, stop_at_layer=model.cfg.n_layers)
+        got = nll_from_final(model, final, tokens, starts, lens, reduction)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # both take log_softmax in float32
+    assert (expected > 0).all()
+
+
+def test_nll_from_final_applies_soft_cap(tiny_any):
+    """A model with a logit soft cap: the scored-positions path applies it (a cap of 0.5 moves the NLL a lot)."""
+    from tl_steer.scoring import nll_from_final, nll_from_logits, pad_token_id
+
+    tiny = tiny_any
+    data = tokenize_completions(tiny, PROMPTS, COMPLETIONS)
+    tokens, starts, lens = data.batch(list(range(len(data))), pad_token_id(tiny), "cpu")
+    old = tiny.cfg.output_logits_soft_cap
+    try:
+        with torch.no_grad():
+            uncapped = nll_from_final(tiny, tiny(tokens, stop_at_layer=tiny.cfg.n_layers), tokens, starts, lens)
+            tiny.cfg.output_logits_soft_cap = 0.5
+            capped = nll_from_final(tiny, tiny(tokens, stop_at_layer=tiny.cfg.n_layers), tokens, starts, lens)
+            full = nll_from_logits(tiny(tokens), tokens, starts, lens)
+    finally:
+        tiny.cfg.output_logits_soft_cap = old
+    torch.testing.assert_close(capped, full, rtol=1e-6, atol=1e-6)
+    assert (capped - uncapped).abs().max() > 1e-3
+
+
+def test_sweep_with_a_hook_after_the_last_block_unembeds_everywhere(tiny):
+    """An intervention on the final norm's output cannot use the scored-positions path (the hook would see
+    only those positions): preference_utility then scores from the full logits, and agrees with
+    completion_nll under steer at every strength."""
+    from tl_steer.scoring import scores_from_final
+
+    hook = "ln_final.hook_normalized"
+    vec = AddVector(
+        hook, torch.randn(tiny.cfg.d_model, dtype=tiny.cfg.dtype, generator=torch.Generator().manual_seed(3))
+    )
+    assert not scores_from_final(tiny, [vec])
+    pairs = [ContrastivePair(p, c, " no.") for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    table = tl_steer.preference_utility(tiny, vec, pairs, [0.0, 1.5], progress=False).table
+    for m in (0.0, 1.5):
+        with tl_steer.steer(tiny, vec, m=m):
+            want = tl_steer.completion_nll(tiny, PROMPTS, COMPLETIONS)
+        got = table[table["m"] == m].sort_values("pair")["L_p"].to_numpy()
+        torch.testing.assert_close(torch.as_tensor(got, dtype=want.dtype), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_users_hook_on_the_final_norm_sees_every_position(tiny_any):
+    """A hook the user put on the final norm (outside tl_steer) keeps seeing the whole sequence: scoring
+    falls back to the full logits, and its edit counts."""
+    from tl_steer.scoring import scores_from_final
+
+    model = tiny_any
+    assert scores_from_final(model, [])
+    seen: list[tuple[int, ...]] = []
+
+    def double(act, hook):
+        seen.append(tuple(act.shape))
+        return 2 * act
+
+    plain = tl_steer.completion_nll(model, PROMPTS, COMPLETIONS)
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", double)]):
+        assert not scores_from_final(model, [])
+        doubled = tl_steer.completion_nll(model, PROMPTS, COMPLETIONS)
+    assert seen and all(shape[1] > 1 for shape in seen)
+    assert (doubled - plain).abs().max() > 1e-3
+    assert scores_from_final(model, [])

@@ -12,7 +12,7 @@ one strength ``m`` (``m = 0`` is exactly the clean model)::
 """
 
 from tl_steer.analysis.ab import ab_accuracy
-from tl_steer.analysis.capability import MCResult, mc_accuracy, mc_option_nll
+from tl_steer.analysis.capability import MCCleanPrefix, MCResult, mc_accuracy, mc_option_nll
 from tl_steer.analysis.gap import Condition, GapResult, capability_behavior_gap
 from tl_steer.analysis.generation_sweep import (
     GenerationSweepResult,
@@ -149,6 +149,7 @@ __all__ = [
     "ab_accuracy",
     "mc_accuracy",
     "mc_option_nll",
+    "MCCleanPrefix",
     "MCResult",
     # analyses and their results
     "preference_utility",

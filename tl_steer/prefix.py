@@ -25,7 +25,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_steer.hosts import Host, can_restart
-from tl_steer.scoring import Tokenized, batches, max_batch_tokens, pad_right, pad_token_id
+from tl_steer.scoring import (
+    Reduction,
+    Tokenized,
+    batches,
+    max_batch_tokens,
+    nll_from_final,
+    nll_from_logits,
+    pad_right,
+    pad_token_id,
+)
 
 
 def reusable_start(model: Host, first_layer: int) -> int | None:
@@ -70,6 +79,24 @@ class CleanPrefix:
         if resid is not None:
             return self.model(resid, start_at_layer=self.start, stop_at_layer=stop_at_layer, **kwargs)
         return self.model(tokens, stop_at_layer=stop_at_layer, **kwargs)
+
+    def nll(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        resid: Float[Tensor, "batch pos d_model"] | None,
+        starts: Int[Tensor, " batch"],
+        lengths: Int[Tensor, " batch"],
+        reduction: Reduction,
+        *,
+        from_final: bool,
+    ) -> Float[Tensor, " batch"]:
+        """Completion NLL of the batch (hooks as the caller set them): with ``from_final`` the pass stops
+        after the last block and only the scored positions are unembedded (:func:`nll_from_final`; see
+        :func:`~tl_steer.scoring.scores_from_final` for when that is allowed), else from the full logits."""
+        if from_final:
+            final = self.forward(tokens, resid, stop_at_layer=self.model.cfg.n_layers)
+            return nll_from_final(self.model, final, tokens, starts, lengths, reduction)
+        return nll_from_logits(self.forward(tokens, resid), tokens, starts, lengths, reduction)
 
 
 class PrefixCache:

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from tl_steer.data.pairs import ContrastivePair, check_pairs
 from tl_steer.errors import ConfigError, DataError
-from tl_steer.hosts import Host, check_host
+from tl_steer.hookpoints import HookSite
+from tl_steer.hosts import Host, can_restart, check_host
 from tl_steer.interventions import Intervention
 from tl_steer.positions import prompt_boundary
 from tl_steer.steering import steer
@@ -142,6 +143,63 @@ def nll_from_logits(
     raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+def final_logprobs(
+    model: Host, final: Float[Tensor, "batch pos d_model"], rows: Tensor | list[int], cols: Tensor | list[int]
+) -> Float[Tensor, "scored vocab"]:
+    """Log-probabilities from the final residual (before the final norm) at (rows[i], cols[i]) only: final
+    norm, unembedding and logit soft cap of those positions, so the vocabulary-sized matrix product runs where
+    a token is scored and nowhere else."""
+    device = final.device
+    picked = final[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)][None]
+    if model.cfg.normalization_type is not None:
+        picked = model.ln_final(picked)
+    logits = model.unembed(picked)[0]
+    cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def nll_from_final(
+    model: Host,
+    final: Float[Tensor, "batch pos d_model"],
+    tokens: Int[Tensor, "batch pos"],
+    starts: Int[Tensor, " batch"],
+    lengths: Int[Tensor, " batch"],
+    reduction: Reduction = "mean",
+) -> Float[Tensor, " batch"]:
+    """:func:`nll_from_logits` from the final residual (``model(tokens, stop_at_layer=n_layers)``): the
+    logits are computed only at the positions ``starts[b] - 1 .. lengths[b] - 2`` that predict a completion
+    token (:func:`final_logprobs`). Completions are short beside their prompts, so most of the unembedding of
+    a full pass is skipped; the NLL is the same to float rounding."""
+    if reduction not in ("mean", "sum"):
+        raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    pos = torch.arange(tokens.shape[1] - 1, device=tokens.device)[None]
+    mask = (pos >= starts[:, None] - 1) & (pos < lengths[:, None] - 1)
+    rows, cols = mask.nonzero(as_tuple=True)
+    logprobs = final_logprobs(model, final, rows, cols)
+    target = tokens[rows, cols + 1].to(logprobs.device)
+    token_lp = logprobs.gather(-1, target[:, None])[:, 0]
+    total = torch.zeros(tokens.shape[0], dtype=token_lp.dtype, device=token_lp.device)
+    total = total.index_add(0, rows.to(token_lp.device), -token_lp)
+    if reduction == "sum":
+        return total
+    return total / mask.sum(-1).to(total.device)
+
+
+def scores_from_final(model: Host, interventions: Sequence[Intervention]) -> bool:
+    """Whether a scoring pass may stop after the last block and unembed only the scored positions
+    (:func:`nll_from_final`): a host that stops there (a HookedTransformer; a bridge's ``stop_at_layer``
+    returns logits) and no edited hook after the last block (the final norm and unembedding run on the
+    scored positions only, so a hook there would see other shapes), nor any hook already on the model's
+    final norm or unembedding (a user's own ``model.hooks(...)`` there)."""
+    if not can_restart(model):
+        return False
+    if any(hp._forward_hooks for name, hp in model.hook_dict.items() if name.startswith(("ln_final.", "unembed."))):
+        return False
+    return all(HookSite.parse(name).layer is not None for iv in interventions for name in iv.hook_names)
+
+
 # Padded tokens x vocabulary x 4 bytes of float32 logits per pass; batches are split to stay under it.
 _LOGITS_BUDGET: ContextVar[int] = ContextVar("tl_steer_logits_budget", default=1 << 30)
 
@@ -205,14 +263,27 @@ def score_tokenized(
     reduction: Reduction = "mean",
     batch_size: int = 16,
     forward: Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch pos vocab"]] | None = None,
+    from_final: bool = False,
 ) -> Float[Tensor, " n"]:
     """Completion NLL of every item of ``data``, computed in padded batches, in the input order.
 
     ``forward`` maps tokens to logits (default: the model's forward pass); the prompt boundary of each
-    row is declared for position policies while it runs.
+    row is declared for position policies while it runs. With ``from_final`` (and no ``forward``) each pass
+    stops after the last block and only the scored positions are unembedded (:func:`nll_from_final`; allowed
+    where :func:`scores_from_final` says so).
     """
     if reduction not in ("mean", "sum"):
         raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if from_final and forward is None:
+        n_layers = model.cfg.n_layers
+        out = torch.empty(len(data), dtype=torch.float32)
+        lengths = [len(s) for s in data.sequences]
+        for idx in batches(lengths, batch_size, max_batch_tokens(model)):
+            tokens, starts, lens = data.batch(idx, pad_token_id(model), model.cfg.device or "cpu")
+            with prompt_boundary(starts):
+                final = model(tokens, stop_at_layer=n_layers)
+            out[idx] = nll_from_final(model, final, tokens, starts, lens, reduction).detach().float().cpu()
+        return out
     run = forward or (lambda tokens: model(tokens, return_type="logits"))
     pad = pad_token_id(model)
     out = torch.empty(len(data), dtype=torch.float32)
@@ -244,7 +315,9 @@ def completion_nll(
     with ExitStack() as stack, torch.no_grad():
         if interventions:
             stack.enter_context(steer(model, *interventions, m=m))
-        return score_tokenized(model, data, reduction=reduction, batch_size=batch_size)
+        # the unembedding only where a completion token is scored, where no edited hook sits after the blocks
+        from_final = scores_from_final(model, list(interventions))
+        return score_tokenized(model, data, reduction=reduction, batch_size=batch_size, from_final=from_final)
 
 
 def pair_nll(

@@ -59,9 +59,11 @@ from tl_steer.hookpoints import HookSite
 from tl_steer.hosts import Host, is_bridge
 from tl_steer.interventions import Intervention, InterventionsLike, as_intervention_list
 from tl_steer.positions import prompt_boundary
+from tl_steer.prefix import reusable_start
 from tl_steer.scoring import (
     Tokenized,
     completion_nll,
+    final_logprobs,
     nll_from_logits,
     pad_right,
     pad_token_id,
@@ -106,6 +108,7 @@ def mc_option_nll(
     batch_size: int = 16,
     normalize: Normalize = "mean",
     shared_prefix: bool = True,
+    clean_prefix: MCCleanPrefix | None = None,
 ) -> Float[Tensor, "n n_options"]:
     """The NLL of every option of every item as a completion of the item's prompt (see the module
     docstring), with ``interventions`` applied at strength ``m``.
@@ -118,6 +121,9 @@ def mc_option_nll(
     TransformerBridge the cache is Hugging Face's own). Both give the
     same NLL (to float rounding), steered or not: each token sees the same context at the same position, and
     the named position policies pick the same tokens. With ``shared_prefix``, ``batch_size`` counts questions.
+    A ``clean_prefix`` (:class:`MCCleanPrefix`) shared by many calls on the same items also keeps the clean
+    blocks before the intervention: each call then runs only the blocks from there (same NLL to float
+    rounding).
 
     Returns float32 of shape [n_items, n_options] where n_options is the largest number of options of
     an item; the places of missing options of items with fewer hold ``inf``. ``normalize="mean"``: NLL
@@ -147,7 +153,8 @@ def mc_option_nll(
         with ExitStack() as stack, torch.no_grad():
             if ivs:
                 stack.enter_context(steer(model, *ivs, m=m))
-            flat = _shared_prefix_nll(model, data, groups, normalize, batch_size)
+            clean = clean_prefix if clean_prefix is not None and clean_prefix.applies(model, ivs) else None
+            flat = _shared_prefix_nll(model, data, groups, normalize, batch_size, clean)
     else:
         flat = completion_nll(
             model,
@@ -211,21 +218,6 @@ def _expand_cache(cache: Any, rows: Int[Tensor, " rows"]) -> Any:
     return cache
 
 
-def _final_logprobs(
-    model: Host, final: Float[Tensor, "batch pos d_model"], rows: list[int], cols: list[int]
-) -> Float[Tensor, "scored vocab"]:
-    """Log-probabilities from the final residual at (rows[i], cols[i]) only: final norm, unembedding, soft cap."""
-    device = final.device
-    picked = final[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)][None]
-    if model.cfg.normalization_type is not None:
-        picked = model.ln_final(picked)
-    logits = model.unembed(picked)[0]
-    cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
 def _bridge_shared_logprobs(
     model: Host,
     head: Int[Tensor, "q width"],
@@ -265,8 +257,88 @@ def _bridge_shared_logprobs(
     return torch.log_softmax(picked.float(), dim=-1)
 
 
+def restart_layer(iv: Intervention, n_layers: int) -> int:
+    """The latest block a KV-cached pass steered by ``iv`` may restart at: its first edited block, or the
+    block whose attention scores tell a hook its cache offset (:meth:`HookSite.offset_source`; one block
+    earlier for a hook before attention), so that position policies still see where the options sit."""
+    out = iv.first_layer(n_layers)
+    for name in iv.hook_names:
+        source = HookSite.parse(name).offset_source(n_layers)
+        if source is not None:
+            layer = HookSite.parse(source).layer
+            out = min(out, layer if layer is not None else out)
+    return out
+
+
+class MCCleanPrefix:
+    """The clean residual entering block ``start`` of the question and option passes of
+    :func:`mc_option_nll`'s shared-prefix scoring, kept per chunk of questions, so that every later scoring
+    of the same items whose interventions first edit block ``start`` or later runs only the blocks from
+    ``start`` on (:mod:`tl_steer.prefix`: nothing before that block can change).
+
+    Give one to :func:`mc_accuracy` / :func:`mc_option_nll` (``clean_prefix=``) or
+    :func:`~tl_steer.capability_behavior_gap` when the same items are scored under many interventions or
+    strengths at one layer; :func:`~tl_steer.capability_behavior_gap` makes one for its own conditions. The
+    residuals are computed the first time a chunk is scored and hold for this model as it is then: they are
+    dropped if any of its parameters changes in place afterwards, and no other hook should edit a block
+    before ``start`` while they are in use. On hosts that cannot restart (a TransformerBridge, shortformer
+    positions) or with ``start`` outside ``1 .. n_layers - 1`` it is inert: every pass runs from the
+    embedding.
+    """
+
+    def __init__(self, model: Host, start: int) -> None:
+        self.model = model
+        self.start = reusable_start(model, int(start))
+        self._chunks: dict[bytes, tuple[Tensor, Tensor]] = {}
+        self._version = self._weights_version()
+
+    def _weights_version(self) -> int:
+        return sum(p._version for p in self.model.parameters())
+
+    def applies(self, model: Host, ivs: Sequence[Intervention]) -> bool:
+        """Whether scoring ``model`` under ``ivs`` may restart at :attr:`start`: the same model, a restart
+        possible, and every intervention's :func:`restart_layer` at ``start`` or later."""
+        if model is not self.model or self.start is None:
+            return False
+        return all(restart_layer(iv, model.cfg.n_layers) >= self.start for iv in ivs)
+
+    def residuals(
+        self,
+        head: Int[Tensor, "q width"],
+        head_mask: Int[Tensor, "q width"],
+        owner: Int[Tensor, " rows"],
+        tokens: Int[Tensor, "rows pos"],
+    ) -> tuple[Float[Tensor, "q width d_model"], Float[Tensor, "rows pos d_model"]]:
+        """(question residual, option residual) entering block ``start`` for one chunk: the two passes of
+        :func:`_shared_prefix_nll` up to that block, on a KV cache of blocks ``0 .. start - 1``."""
+        assert self.start is not None
+        version = self._weights_version()
+        if version != self._version:  # weights edited in place: nothing kept is the clean model's any more
+            self._chunks.clear()
+            self._version = version
+        key = b"|".join(
+            t.cpu().numpy().tobytes() + str(tuple(t.shape)).encode() for t in (head, head_mask, owner, tokens)
+        )
+        if key not in self._chunks:
+            model = self.model
+            cache = _kv_cache(model, head.shape[0])
+            # no position policy reads these blocks: the steering hooks sit at ``start`` or later
+            resid_q = model(head, past_kv_cache=cache, attention_mask=head_mask, stop_at_layer=self.start)
+            cache = _expand_cache(cache, owner)
+            resid_o = model(
+                tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), stop_at_layer=self.start
+            )
+            self._chunks[key] = (resid_q, resid_o)
+        return self._chunks[key]
+
+
 def _shared_prefix_nll(
-    model: Host, data: Tokenized, groups: list[list[int]], normalize: Normalize, batch_size: int
+    model: Host,
+    data: Tokenized,
+    groups: list[list[int]],
+    normalize: Normalize,
+    batch_size: int,
+    clean: MCCleanPrefix | None = None,
 ) -> Float[Tensor, " n"]:
     """Completion NLL of every row of ``data`` where the rows of each group (one question's options) share
     their prompt. Per chunk of ``batch_size`` questions, two forward passes:
@@ -319,6 +391,31 @@ def _shared_prefix_nll(
             logprobs = _bridge_shared_logprobs(
                 model, head, head_mask, cs, owner_t, tokens, (head_boundary, boundary), sel_rows, sel_cols
             )
+        elif clean is not None:
+            # the clean blocks before ``clean.start`` ran once for these items: only the blocks from there run
+            resid_q, resid_o = clean.residuals(head, head_mask, owner_t, tokens)
+            cache = _kv_cache(model, len(chunk))
+            with prompt_boundary(head_boundary):
+                # the mask a pass from the embedding would give its blocks (input_to_embed appends it)
+                mask = cache.append_attention_mask(head_mask)
+                model(
+                    resid_q,
+                    start_at_layer=clean.start,
+                    past_kv_cache=cache,
+                    attention_mask=mask,
+                    stop_at_layer=n_layers,
+                )
+            cache = _expand_cache(cache, owner_t)
+            with prompt_boundary(boundary):
+                mask = cache.append_attention_mask(torch.ones_like(tokens))
+                final = model(
+                    resid_o,
+                    start_at_layer=clean.start,
+                    past_kv_cache=cache,
+                    attention_mask=mask,
+                    stop_at_layer=n_layers,
+                )
+            logprobs = final_logprobs(model, final, sel_rows, sel_cols)
         else:
             cache = _kv_cache(model, len(chunk))
             with prompt_boundary(head_boundary):
@@ -328,7 +425,7 @@ def _shared_prefix_nll(
                 final = model(
                     tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), stop_at_layer=n_layers
                 )
-            logprobs = _final_logprobs(model, final, sel_rows, sel_cols)
+            logprobs = final_logprobs(model, final, sel_rows, sel_cols)
         token_lp = logprobs.gather(-1, torch.as_tensor(target, device=logprobs.device)[:, None])[:, 0].cpu()
         index = torch.as_tensor(which, dtype=torch.long)
         total = torch.zeros(len(rows), dtype=torch.float32).index_add_(0, index, -token_lp)
@@ -447,6 +544,7 @@ def mc_accuracy(
     batch_size: int = 16,
     normalize: Normalize = "mean",
     shared_prefix: bool = True,
+    clean_prefix: MCCleanPrefix | None = None,
 ) -> MCResult:
     """Multiple-choice accuracy of ``model`` on ``items``, each answered by the option with the lowest
     NLL (mean per token by default, length-normalised; ``normalize="sum"`` for the total), with
@@ -464,9 +562,18 @@ def mc_accuracy(
         batch_size=batch_size,
         normalize=normalize,
         shared_prefix=shared_prefix,
+        clean_prefix=clean_prefix,
     )
     answer = torch.tensor([item.answer for item in items], dtype=torch.long)
     return mc_result(nll, answer, normalize)
 
 
-__all__ = ["MCResult", "format_mc_prompt", "mc_accuracy", "mc_completions", "mc_option_nll", "mc_result"]
+__all__ = [
+    "MCCleanPrefix",
+    "MCResult",
+    "format_mc_prompt",
+    "mc_accuracy",
+    "mc_completions",
+    "mc_option_nll",
+    "mc_result",
+]

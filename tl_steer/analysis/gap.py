@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +34,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from tl_steer.analysis.ab import ab_scores
-from tl_steer.analysis.capability import mc_accuracy
+from tl_steer.analysis.capability import MCCleanPrefix, mc_accuracy, restart_layer
 from tl_steer.analysis.plots import _pyplot, finish_figure
 from tl_steer.analysis.preference_utility import preference_utility
 from tl_steer.analysis.stats import bootstrap_ci
@@ -340,6 +340,8 @@ def capability_behavior_gap(
     include_baseline: bool = True,
     include_zero: bool = True,
     progress: bool = True,
+    clean_prefix: MCCleanPrefix | None = None,
+    sweeps: Mapping[str, pd.DataFrame] | None = None,
 ) -> GapResult:
     """Behaviour, utility and capability of every condition (steering ones at every m of ``ms``, the
     others at m = 0) on the same items; see the module docstring. A condition named "no steering"
@@ -351,7 +353,16 @@ def capability_behavior_gap(
 
     ``text`` (a :class:`~tl_steer.analysis.generation_sweep.TextBehavior`) adds behaviour measured on generated
     text, as the feature-steering gap study measures it: metric ``text_behavior``, the probe judge's
-    P(concept | text) of a greedy completion of each of its prompts, beside PrefOdds."""
+    P(concept | text) of a greedy completion of each of its prompts, beside PrefOdds.
+
+    The multiple-choice items are scored with the clean blocks before the interventions computed once for
+    all conditions and strengths (a :class:`~tl_steer.analysis.capability.MCCleanPrefix` starting at the
+    earliest :func:`~tl_steer.analysis.capability.restart_layer` of any condition); pass ``clean_prefix`` to
+    share one across calls on the same items.
+
+    ``sweeps`` holds per-pair preference-utility tables already computed on ``behavior_pairs`` (a
+    :class:`~tl_steer.PreferenceUtilityResult`'s ``table``, by condition name, with the same instruction):
+    behaviour and utility at the strengths they hold are taken from them instead of scored again."""
     pairs = check_pairs(behavior_pairs)
     items = list(capability_items)
     if not items:
@@ -385,33 +396,59 @@ def capability_behavior_gap(
         if not include_zero:
             own = [m for m in own if m != 0.0]
         grids[c.name] = own if c.steers else [0.0]
+    if clean_prefix is None:
+        firsts = [restart_layer(c.intervention, model.cfg.n_layers) for c in conds if c.intervention is not None]
+        clean_prefix = MCCleanPrefix(model, min(firsts)) if firsts else None
     frames = []
     jobs = [(c, m) for c in conds for m in grids[c.name]]
     bar = tqdm(jobs, desc="capability-behaviour gap", disable=not progress)
-    sweeps = {}
+    for c in conds:  # tables given for a condition must hold every behaviour pair at each m they hold
+        given = (sweeps or {}).get(c.name)
+        if given is None:
+            continue
+        for m in grids[c.name]:
+            n_given = int((given["m"] == m).sum())
+            if n_given not in (0, len(pairs)):
+                raise ConfigError(
+                    f"sweeps[{c.name!r}] has {n_given} rows at m = {m:g}, not one per behaviour pair ({len(pairs)})"
+                )
+    own_sweeps: dict[str, pd.DataFrame] = {}
     for c in conds:  # one cached-prefix sweep per condition gives behaviour and utility at every m
-        with warnings.catch_warnings():
-            # without m = 0 (include_zero=False) the reference is the separate no-steering condition
-            warnings.filterwarnings("ignore", message="the strength grid has no m = 0")
-            sweeps[c.name] = preference_utility(
-                model,
-                c.intervention,
-                pairs,
-                grids[c.name],
-                label=c.name,
-                instruction=c.instruction,
-                batch_size=batch_size,
-                progress=False,
-            ).table
+        given = (sweeps or {}).get(c.name)
+        todo = grids[c.name] if given is None else [m for m in grids[c.name] if not (given["m"] == m).any()]
+        parts = [] if given is None else [given[given["m"].isin(grids[c.name])]]
+        if todo:
+            with warnings.catch_warnings():
+                # without m = 0 (include_zero=False) the reference is the separate no-steering condition
+                warnings.filterwarnings("ignore", message="the strength grid has no m = 0")
+                parts.append(
+                    preference_utility(
+                        model,
+                        c.intervention,
+                        pairs,
+                        todo,
+                        label=c.name,
+                        instruction=c.instruction,
+                        batch_size=batch_size,
+                        progress=False,
+                    ).table
+                )
+        own_sweeps[c.name] = pd.concat(parts, ignore_index=True)
     for c, m in bar:
         bar.set_postfix_str(f"{c.name}, m={m:g}")
         ivs = [c.intervention] if c.intervention is not None and m != 0 else []
-        sweep = sweeps[c.name][sweeps[c.name]["m"] == m]
+        sweep = own_sweeps[c.name][own_sweeps[c.name]["m"] == m].sort_values("pair")
         metrics = {
             "pref_odds": sweep["pref_odds"].to_numpy(),
             "util_odds": sweep["util_odds"].to_numpy(),
             "capability": mc_accuracy(
-                model, items, interventions=ivs, m=m, instruction=c.instruction, batch_size=batch_size
+                model,
+                items,
+                interventions=ivs,
+                m=m,
+                instruction=c.instruction,
+                batch_size=batch_size,
+                clean_prefix=clean_prefix,
             )
             .correct.numpy()
             .astype(np.float64),

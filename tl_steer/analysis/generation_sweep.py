@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -317,11 +317,20 @@ class TextBehavior:
     max_new_tokens: int = 32
     batch_size: int = 16
     chat: bool = False
+    #: completions already generated from ``prompts`` with these settings (greedy, the same ``max_new_tokens``,
+    #: ``batch_size`` and ``chat``), by (condition name, m), e.g. by a generation sweep over the same prompts:
+    #: they are judged instead of generated again (the same text: greedy decoding of the same batches)
+    known: Mapping[tuple[str, float], Sequence[str]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(check_prompts(self.prompts)))
         if not isinstance(self.judge, ProbeJudge):
             raise ConfigError(f"TextBehavior needs a ProbeJudge, got {type(self.judge).__name__}")
+        for key, texts in self.known.items():
+            if len(texts) != len(self.prompts):
+                raise ConfigError(
+                    f"known completions for {key} number {len(texts)}, not one per prompt ({len(self.prompts)})"
+                )
 
     def check(self, model: Host) -> None:
         """Raise before any work if the judge was fitted on another model."""
@@ -329,16 +338,21 @@ class TextBehavior:
 
     def scores(self, model: Host, condition: Condition, m: float) -> np.ndarray:
         """P(concept | text) of each prompt's completion under ``condition`` at ``m`` (one value per prompt)."""
-        table = generate(
-            model,
-            dataclasses.replace(condition, ms=None),  # this m, not the condition's own grid
-            self.prompts,
-            [m],
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            chat=self.chat,
-        )
-        values = self.judge.score(model, table["prompt"].tolist(), table["completion"].tolist())["concept"]
+        known = self.known.get((condition.name, float(m)))
+        if known is not None:
+            prompts, completions = list(self.prompts), [str(t) for t in known]
+        else:
+            table = generate(
+                model,
+                dataclasses.replace(condition, ms=None),  # this m, not the condition's own grid
+                self.prompts,
+                [m],
+                max_new_tokens=self.max_new_tokens,
+                batch_size=self.batch_size,
+                chat=self.chat,
+            )
+            prompts, completions = table["prompt"].tolist(), table["completion"].tolist()
+        values = self.judge.score(model, prompts, completions)["concept"]
         return np.nan_to_num(values, nan=0.0)
 
 

@@ -50,9 +50,11 @@ from tl_steer.scoring import (
     Tokenized,
     batches,
     max_batch_tokens,
+    nll_from_final,
     nll_from_logits,
     pad_right,
     pad_token_id,
+    scores_from_final,
     tokenize_completions,
 )
 from tl_steer.steering import build_hooks
@@ -219,6 +221,8 @@ def _sweep_layers(
     n_layers = model.cfg.n_layers
     prefixes = {layer: CleanPrefix(model, iv.first_layer(n_layers)) for layer, iv in interventions.items()}
     names = {f"blocks.{p.start}.hook_resid_pre" for p in prefixes.values() if p.start is not None}
+    from_final = {layer: scores_from_final(model, [iv]) for layer, iv in interventions.items()}
+    clean_from_final = scores_from_final(model, [])
     lengths = [len(s) for s in data.sequences]
     groups = batches(lengths, batch_size, max_batch_tokens(model))
     clean = np.empty(len(data), dtype=np.float64)
@@ -232,11 +236,18 @@ def _sweep_layers(
         for idx in groups:
             tokens, starts, lens = data.batch(idx, pad, model.cfg.device or "cpu")
             with prompt_boundary(starts):
-                logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
-                assert isinstance(logits, Tensor)
-                clean_nll = nll_from_logits(logits, tokens, starts, lens, reduction).double().cpu().numpy()
+                if clean_from_final:
+                    final, cache = model.run_with_cache(
+                        tokens, names_filter=lambda name: name in names, stop_at_layer=n_layers
+                    )
+                    assert isinstance(final, Tensor)
+                    clean_nll = nll_from_final(model, final, tokens, starts, lens, reduction).double().cpu().numpy()
+                else:
+                    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+                    assert isinstance(logits, Tensor)
+                    clean_nll = nll_from_logits(logits, tokens, starts, lens, reduction).double().cpu().numpy()
+                    del logits
                 clean[idx] = clean_nll
-                del logits
                 bar.update(1)
                 for layer, iv in interventions.items():
                     prefix = prefixes[layer]
@@ -247,10 +258,8 @@ def _sweep_layers(
                             continue
                         hooks = build_hooks(model, [iv], m, check=False)
                         with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
-                            logits = prefix.forward(tokens, resid)
-                        out[layer][j, idx] = (
-                            nll_from_logits(logits, tokens, starts, lens, reduction).double().cpu().numpy()
-                        )
+                            nll = prefix.nll(tokens, resid, starts, lens, reduction, from_final=from_final[layer])
+                        out[layer][j, idx] = nll.double().cpu().numpy()
                         bar.update(1)
     bar.close()
     return clean, out

@@ -45,8 +45,8 @@ from tl_steer.scoring import (
     Tokenized,
     batches,
     max_batch_tokens,
-    nll_from_logits,
     pad_token_id,
+    scores_from_final,
     tokenize_completions,
 )
 from tl_steer.steering import build_hooks
@@ -300,6 +300,8 @@ def _sweep_nll(
     n_layers = model.cfg.n_layers
     start = intervention.first_layer(n_layers) if intervention is not None else n_layers
     prefix = CleanPrefix(model, start, enabled=cache_prefix)
+    # the unembedding only where a completion token is scored (prompts are most of each sequence)
+    from_final = scores_from_final(model, [intervention] if intervention is not None else [])
     lengths = [len(s) for s in data.sequences]
     groups = batches(lengths, batch_size, max_batch_tokens(model))
     out = np.empty((len(grid), len(data)), dtype=np.float64)
@@ -313,8 +315,7 @@ def _sweep_nll(
                 for j, m in enumerate(grid):
                     hooks = build_hooks(model, [intervention], m, check=False) if intervention is not None else []
                     with model.hooks(fwd_hooks=hooks):  # type: ignore[arg-type]
-                        logits = prefix.forward(tokens, resid)
-                    nll = nll_from_logits(logits, tokens, starts, lens, reduction)
+                        nll = prefix.nll(tokens, resid, starts, lens, reduction, from_final=from_final)
                     out[j, idx] = nll.double().cpu().numpy()
                     bar.update(1)
     bar.close()

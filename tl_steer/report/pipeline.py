@@ -13,7 +13,11 @@ Steps, each cached in ``DIR/cache`` (see :mod:`tl_steer.report.store`):
 2. preference and utility of each on the test pairs over the strengths ``RELATIVE`` (and prompting, and
    the decay-model fit);
 3. the manifold distance of the steered residual stream, for DiffMean and the SPLIT vector;
-4. the capability-behaviour gap at m = 0.25, 1 and 2 against prompting; with the full size
+4. steered text: every condition's greedy completions of held-out prompts at m = 1 and 2, judged
+   (:mod:`tl_steer.report.generation_section`);
+5. the capability-behaviour gap at m = 0.25, 1 and 2 against prompting (behaviour and utility at m = 1 and 2
+   taken from step 2's sweeps), its multiple-choice items scored with the clean blocks before the steered
+   layer run once for all conditions; with the full size
    (``gap_text``), behaviour is also measured on generated text (the concept judge's score of greedy
    completions of held-out prompts), beside PrefOdds.
 """
@@ -34,8 +38,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from tl_steer.analysis.capability import MCCleanPrefix, restart_layer
 from tl_steer.analysis.gap import BASELINE, Condition, GapResult, capability_behavior_gap
-from tl_steer.analysis.generation_sweep import TextBehavior
+from tl_steer.analysis.generation_sweep import GenerationSweepResult, TextBehavior
 from tl_steer.analysis.manifold import ManifoldProbe
 from tl_steer.analysis.manifold_sweep import manifold_sweep
 from tl_steer.analysis.method_comparison import tabulate_comparison
@@ -61,7 +66,7 @@ from tl_steer.methods.diffmean import diffmean
 from tl_steer.methods.sae import rank_features, sae_feature
 from tl_steer.methods.split import FORMS, Form, sft, split
 from tl_steer.report import html
-from tl_steer.report.generation_section import generation_sweep_for_report
+from tl_steer.report.generation_section import gen_size, generation_sweep_for_report
 from tl_steer.report.sections import ReportContext, build_sections
 from tl_steer.report.store import Store
 
@@ -82,6 +87,11 @@ RELATIVE = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 GAP_RELATIVE = (0.25, 1.0, 2.0)
 # prompts and new tokens of the gap's behaviour on generated text (settings.gap_text)
 GAP_TEXT_PROMPTS, GAP_TEXT_TOKENS = 16, 32
+# Rows per scoring pass of the sweeps, the manifold sweeps and the gap (questions per pass of its multiple-choice
+# scoring): TransformerLens copies its weights in every pass, so fewer, larger passes are faster on a CPU (the
+# preference-utility sweep 0.82x, the gap's multiple choice 0.91x of batch 16 on the default model); the
+# numbers are the same to float rounding. The logits budget still splits a pass of long sequences.
+SCORING_BATCH = 64
 
 # The sizes of `tl-steer report`: "quick", a smoke run of a few minutes; "standard", the default, about
 # 10 minutes on 2 CPU cores (vector forms only); "full", the whole comparison (the field defaults below).
@@ -179,7 +189,20 @@ class ReportResult:
 
 
 def _steps(settings: ReportSettings) -> list[str]:
-    return ["interventions", "preference-utility", "manifold", "gap", "steered text", "write"]
+    return ["interventions", "preference-utility", "manifold", "steered text", "gap", "write"]
+
+
+def _known_texts(result: GenerationSweepResult, prompts: list[str], tokens: int) -> dict[str, Any]:
+    """The steered-text step's greedy completions, for the gap's behaviour on generated text
+    (``TextBehavior.known``): the prompts, the new-token count, and by (condition, m) the first sample's
+    completion of every prompt."""
+    items = result.items[result.items["sample"] == 0].sort_values("item")
+    texts = {
+        (str(cond), float(m)): tuple(group["completion"].fillna("").astype(str))
+        for (cond, m), group in items.groupby(["condition", "m"], sort=False)
+        if len(group) == len(prompts)
+    }
+    return {"prompts": tuple(prompts), "tokens": tokens, "texts": texts}
 
 
 def build_interventions(
@@ -296,9 +319,17 @@ def run_report(
         store = Store(out, keyed)
     bar = tqdm(_steps(settings), desc="tl-steer report", disable=not progress, unit="step")
     files: list[Path] = []
+    step_seconds: dict[str, float] = {}
+    last = [started]
+
+    def lap() -> float:
+        now = time.perf_counter()
+        seconds, last[0] = now - last[0], now
+        return seconds
 
     bar.set_postfix_str("building interventions")
     interventions, seconds, ranking = build_interventions(model, data, settings, store, log)
+    step_seconds["interventions"] = lap()
     bar.update()
 
     bar.set_postfix_str("preference and utility")
@@ -317,7 +348,13 @@ def run_report(
                 "sweep/prompting",
                 lambda: (
                     preference_utility(
-                        model, None, data.test, instruction=settings.instruction, label="prompting", progress=False
+                        model,
+                        None,
+                        data.test,
+                        instruction=settings.instruction,
+                        label="prompting",
+                        batch_size=SCORING_BATCH,
+                        progress=False,
                     ).table
                 ),
             )
@@ -326,30 +363,38 @@ def run_report(
     pu = PreferenceUtilityResult(pd.concat(sweeps, ignore_index=True), "mean", 1e-6)
     steered = PreferenceUtilityResult(pu.table[pu.table["label"].isin(list(interventions))], "mean", 1e-6)
     comparison = tabulate_comparison(steered, interventions, train_seconds=seconds)
+    step_seconds["preference-utility"] = lap()
     bar.update()
 
     bar.set_postfix_str("manifold distance")
     manifold = _manifold(model, data, settings, interventions, store, hook)
     log("manifold distance: done")
-    bar.update()
-
-    bar.set_postfix_str("capability-behaviour gap")
-    gap = _gap(model, data, settings, interventions, store, log) if data.items else None
+    step_seconds["manifold"] = lap()
     bar.update()
 
     context = ReportContext(
-        out, model, data, settings, interventions, comparison, pu, manifold, gap, ranking, files, store=store
+        out, model, data, settings, interventions, comparison, pu, manifold, None, ranking, files, store=store
     )
     bar.set_postfix_str("steered text")
     # generated and judged here, one progress line per condition, and cached: the section reads the cache
-    if interventions:
-        generation_sweep_for_report(context, log)
+    generated = generation_sweep_for_report(context, log) if interventions else None
+    step_seconds["steered text"] = lap()
+    bar.update()
+
+    bar.set_postfix_str("capability-behaviour gap")
+    # the gap's behaviour on generated text judges the steered-text step's completions where they are the same
+    known = _known_texts(*generated, gen_size(context)[1]) if generated is not None else {}
+    by_label = {str(label): table for label, table in pu.table.groupby("label", sort=False)}
+    context.gap = gap = _gap(model, data, settings, interventions, store, log, known, by_label) if data.items else None
+    step_seconds["gap"] = lap()
     bar.update()
 
     bar.set_postfix_str("writing")
     sections = build_sections(context)
     summary = context.summary
     summary["runtime_s"] = time.perf_counter() - started
+    # seconds of each step in this run (near 0 where it was read from the cache); writing is the rest
+    summary["step_seconds"] = step_seconds | {"write": summary["runtime_s"] - sum(step_seconds.values())}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     files.append(out / "summary.json")
     title = f"tl_steer report: {data.name}, {hook}, {model.cfg.model_name}"
@@ -411,6 +456,8 @@ def _gap(
     interventions: dict[str, Intervention],
     store: Store,
     log: Callable[[str], None] = print,
+    known: dict[str, Any] | None = None,
+    sweeps: dict[str, pd.DataFrame] | None = None,
 ) -> GapResult:
     conditions: list[Condition] = [Condition(BASELINE)]
     if "prompting" in settings.methods and settings.instruction:
@@ -435,14 +482,21 @@ def _gap(
             else list(dict.fromkeys(p.prompt for p in data.test))
         )
         judge = ProbeJudge.fit(model, data.train, data.test, concept=data.name)
-        return TextBehavior(tuple(prompts[:GAP_TEXT_PROMPTS]), judge, max_new_tokens=GAP_TEXT_TOKENS)
+        shown = tuple(prompts[:GAP_TEXT_PROMPTS])
+        # the steered-text step generated the same texts where prompts and length agree (both greedy, batch 16)
+        same = known is not None and known.get("prompts") == shown and known.get("tokens") == GAP_TEXT_TOKENS
+        texts = known["texts"] if known is not None and same else {}
+        return TextBehavior(shown, judge, max_new_tokens=GAP_TEXT_TOKENS, known=texts)
 
+    # the clean blocks before the steered layer, run once for every condition's multiple-choice scoring
+    firsts = [restart_layer(c.intervention, model.cfg.n_layers) for c in conditions if c.intervention is not None]
+    clean = MCCleanPrefix(model, min(firsts)) if firsts else None
     for c in conditions:
         # one cache entry per strength, so that a rerun with more strengths computes only the new ones
         for m in c.ms or (0.0,):
             one = dataclasses.replace(c, ms=(m,)) if c.steers else c
             key = f"gap/{c.name}@{m:g}" if c.intervention else f"gap/{c.name}"
-            frames.append(store.frame(key, partial(_gap_items, model, one, data.test, data.items, text)))
+            frames.append(store.frame(key, partial(_gap_items, model, one, data.test, data.items, text, clean, sweeps)))
         log(f"capability-behaviour gap: {c.name} scored")
     return GapResult(pd.concat(frames, ignore_index=True), conditions)
 
@@ -462,7 +516,7 @@ def _train(
 
 
 def _sweep(model: Host, iv: Intervention, pairs: list[ContrastivePair], ms: list[float], name: str) -> pd.DataFrame:
-    return preference_utility(model, iv, pairs, ms, label=name, progress=False).table
+    return preference_utility(model, iv, pairs, ms, label=name, batch_size=SCORING_BATCH, progress=False).table
 
 
 def _manifold_sweep(
@@ -474,7 +528,9 @@ def _manifold_sweep(
     name: str,
     baselines: bool,
 ) -> pd.DataFrame:
-    return manifold_sweep(model, iv, pairs, ms, probe, label=name, baselines=baselines, progress=False).summary()
+    return manifold_sweep(
+        model, iv, pairs, ms, probe, label=name, baselines=baselines, batch_size=SCORING_BATCH, progress=False
+    ).summary()
 
 
 def _gap_items(
@@ -483,6 +539,8 @@ def _gap_items(
     pairs: list[ContrastivePair],
     items: list[MCItem],
     text: Callable[[], TextBehavior | None] = lambda: None,
+    clean: MCCleanPrefix | None = None,
+    sweeps: dict[str, pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     baseline = condition.name == BASELINE
     return capability_behavior_gap(
@@ -492,8 +550,11 @@ def _gap_items(
         items,
         include_baseline=baseline,
         include_zero=False,
+        batch_size=SCORING_BATCH,
         progress=False,
         text=text(),
+        clean_prefix=clean,
+        sweeps=sweeps,  # the strength sweeps' rows at the gap's strengths (m = 1 and 2; prompting)
     ).items
 
 

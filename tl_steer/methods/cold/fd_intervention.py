@@ -28,8 +28,10 @@ no other intervention changes activations at or before its hook.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,8 +71,15 @@ class ColdFD(Intervention):
     Its ``unit`` (set by :func:`cold_fd`) makes ``m = 1`` add, on the examples it was made from, a mean
     per-position norm equal to DiffMean's norm on them (docs/methods.md, section 1).
 
-    ``n_perturbed_passes`` counts the perturbed partial passes run so far (one per steered forward pass).
+    ``n_perturbed_passes`` counts the perturbed partial passes run so far (one per steered forward pass
+    over inputs not seen before). dZ(x) does not depend on m, so it is kept per input (a memo of at most
+    :attr:`memo_bytes`, least recently used dropped first, keyed by the input of block 0, the padding mask,
+    the model's weights and for "fd" the clean activation): a strength sweep or the gap's strengths run the
+    perturbed pass once per batch, not once per strength. ``memo_bytes = 0`` turns it off.
     """
+
+    #: the most bytes of dZ(x) kept for inputs seen again (0: none)
+    memo_bytes: int = 256 * 2**20
 
     kind = "cold_fd"
     saved_index_tensors = ("embed.index",)
@@ -129,6 +138,8 @@ class ColdFD(Intervention):
             if not torch.isfinite(t).all():
                 raise DataError(f"the COLD-FD gradient {name!r} has NaN or infinite entries")
         self.n_perturbed_passes = 0
+        self._memo: OrderedDict[bytes, Tensor] = OrderedDict()
+        self._memo_size = 0
 
     # ----- construction from a full gradient -----------------------------------------------------
     @classmethod
@@ -391,6 +402,47 @@ class ColdFD(Intervention):
             dz = out[1] if scale == 1.0 else out[1].float() / scale
             return -self.eta * dz
 
+    # ----- the memo of dZ(x) ------------------------------------------------------------------------
+    def memo_key(
+        self,
+        model: Host,
+        method: str,
+        resid0: Tensor,
+        key_mask: Tensor | None,
+        activation: Tensor | None,
+    ) -> bytes:
+        """What dZ(x) is a function of: the model (and its weights' in-place versions), the method, eta and
+        eps, the input of block 0, the padding mask, and for "fd" the clean activation at the hook; as a
+        digest."""
+        digest = hashlib.blake2b(digest_size=20)
+        version = sum(p._version for p in model.parameters())
+        digest.update(f"{id(model)}|{version}|{method}|{self.eta!r}|{self.eps!r}".encode())
+        for t in (resid0, key_mask, activation):
+            if t is None:
+                digest.update(b"-")
+                continue
+            digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            # as raw bytes: numpy has no bfloat16
+            digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+        return digest.digest()
+
+    def memo_get(self, key: bytes) -> Tensor | None:
+        dz = self._memo.get(key)
+        if dz is not None:
+            self._memo.move_to_end(key)
+        return dz
+
+    def memo_put(self, key: bytes, dz: Tensor) -> None:
+        """Keep dZ under ``key``, dropping the least recently used entries beyond :attr:`memo_bytes`."""
+        size = dz.numel() * dz.element_size()
+        if size > self.memo_bytes:
+            return
+        self._memo[key] = dz
+        self._memo_size += size
+        while self._memo_size > self.memo_bytes:
+            _, old = self._memo.popitem(last=False)
+            self._memo_size -= old.numel() * old.element_size()
+
     def perturbed_parameters(self, model: Host) -> dict[str, Tensor]:
         """theta + eps g for the block parameters before the hook (the only parameters copied)."""
         params = dict(model.named_parameters())
@@ -564,7 +616,14 @@ class _Run:
                 f"ColdFD: the input of block 0 has shape {tuple(resid0.shape)} but the activation at "
                 f"{self.iv.hook!r} has shape {tuple(activation.shape)}"
             )
-        if self.iv.method_for(self.model) == "fd" and self.perturbed is None:
-            self.perturbed = self.iv.perturbed_parameters(self.model)
-        dz = self.iv.delta(self.model, activation, resid0, key_mask, self.perturbed)
+        method = self.iv.method_for(self.model)
+        # dZ(x) does not depend on m: a pass over inputs seen before (a sweep's next strength, the next
+        # scoring of the same items) takes it from the memo instead of running the perturbed pass again
+        key = self.iv.memo_key(self.model, method, resid0, key_mask, activation if method == "fd" else None)
+        dz = self.iv.memo_get(key)
+        if dz is None:
+            if method == "fd" and self.perturbed is None:
+                self.perturbed = self.iv.perturbed_parameters(self.model)
+            dz = self.iv.delta(self.model, activation, resid0, key_mask, self.perturbed)
+            self.iv.memo_put(key, dz)
         return raw * dz
