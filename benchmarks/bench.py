@@ -46,6 +46,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -627,6 +628,26 @@ def section_sweep(t: Target, s: Settings, tmp: Path) -> dict[str, Any]:
         )
     diff = float(np.abs(tables[False] - tables[True]).max())
     n_layers, layer = t.n_layers, vector.first_layer(t.n_layers)
+    # the unembedding only at the positions that predict a completion token, against the full logits
+    from unittest import mock
+
+    from tl_steer.analysis import preference_utility as pu_module
+
+    def logits(full: bool, items: list[Any]) -> Callable[[], None]:
+        def go() -> None:
+            with mock.patch.object(pu_module, "scores_from_final", lambda *a: False) if full else nullcontext():
+                result = tl_steer.preference_utility(model, vector, items, ms, progress=False)
+            tables[full] = result.table[["L_p", "L_n"]].to_numpy()
+
+        return go
+
+    with torch.no_grad():
+        unembed = interleaved(
+            {"full": logits(True, pairs), "scored": logits(False, pairs)},
+            s.sweep_reps * t.reps,
+            warmups={"full": logits(True, pairs[:1]), "scored": logits(False, pairs[:1])},
+        )
+    unembed_diff = float(np.abs(tables[True] - tables[False]).max())
     theory = 9 / (layer / n_layers + 9 * (n_layers - layer) / n_layers)
     tokens = sum(len(model.to_tokens(p.prompt + c)[0]) for p in pairs for c in (p.positive, p.negative))
     return {
@@ -641,7 +662,17 @@ def section_sweep(t: Target, s: Settings, tmp: Path) -> dict[str, Any]:
                 reference=f"theory 9 / ({layer}/{n_layers} + 9 x {n_layers - layer}/{n_layers}) = {theory:.2f}x",
                 note=f"{len(pairs)} sentiment test pairs ({2 * len(pairs)} sequences, {tokens} tokens), one batch; "
                 f"max |NLL difference| between the paths {diff:.1e}",
-            )
+            ),
+            row(
+                "sweep",
+                "9 strengths, cached prefix: unembedding only the positions that predict a completion token / "
+                "the full logits",
+                t.label,
+                times=unembed,
+                num="scored",
+                den="full",
+                note=f"the same pairs; max |NLL difference| between the paths {unembed_diff:.1e}",
+            ),
         ]
     }
 
@@ -1105,6 +1136,32 @@ def section_layers(t: Target, s: Settings, tmp: Path) -> dict[str, Any]:
             den="full",
             reference="goal <= 0.6x",
             note=f"built-in general set; max |NLL difference| between the paths {diff:.1e}",
+        )
+    )
+    # the gap's later scorings of the same items: the clean blocks before the steered one kept once
+    from tl_steer.analysis.capability import MCCleanPrefix, restart_layer
+
+    clean = MCCleanPrefix(model, restart_layer(vector, n_layers))
+    kept = tl_steer.mc_option_nll(model, items, interventions=[vector], clean_prefix=clean)  # fills it
+
+    def mc_clean(keep: bool, m: float = 1.0) -> Callable[[], None]:
+        extra = {"clean_prefix": clean} if keep else {}
+        return lambda: tl_steer.mc_option_nll(model, items, interventions=[vector], m=m, **extra)
+
+    with torch.no_grad():
+        times = interleaved({"kept": mc_clean(True), "shared": mc_clean(False)}, s.sweep_reps * t.reps)
+    diff = float((kept[finite] - fast[finite]).abs().max())
+    rows.append(
+        row(
+            "layers",
+            f"multiple choice, {len(items)} questions steered at m = 1, the items scored before at this layer: "
+            "clean blocks kept (MCCleanPrefix) / shared question prefix",
+            t.label,
+            times=times,
+            num="kept",
+            den="shared",
+            reference=f"block count {n_layers - clean.start}/{n_layers} = {(n_layers - clean.start) / n_layers:.2f}x",
+            note=f"the capability-behaviour gap's 2nd and later scorings; max |NLL difference| {diff:.1e}",
         )
     )
     return {"rows": rows}

@@ -74,14 +74,18 @@ def row(label: str, result: dict[str, Any], diff: float) -> str:
     )
 
 
-def full_report(layer: int) -> dict[str, Any]:
-    """`tl-steer report --full` in a fresh process and a fresh folder: wall time and the step times."""
-    with tempfile.TemporaryDirectory() as out:
+def full_report(layer: int, out: str | None) -> dict[str, Any]:
+    """`tl-steer report --full` in a fresh process and a fresh folder (``out``, kept, or a temporary one):
+    wall time and the step times."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out or tmp)
+        if folder.exists() and any(folder.iterdir()):
+            raise SystemExit(f"{folder} is not empty: the full report is timed from a fresh cache")
         start = time.perf_counter()
-        cmd = [sys.executable, "-m", "tl_steer.cli", "report", "--full", "--layer", str(layer), "--out", out]
+        cmd = [sys.executable, "-m", "tl_steer.cli", "report", "--full", "--layer", str(layer), "--out", str(folder)]
         subprocess.run(cmd, check=True)
         wall = time.perf_counter() - start
-        summary = json.loads((Path(out) / "summary.json").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
     return {"wall": wall, "steps": summary.get("step_seconds", {})}
 
 
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--concept", default="sentiment")
     parser.add_argument("--report", action="store_true", help="also time the full report (about half an hour)")
+    parser.add_argument("--report-out", default=None, help="keep the full report in this (new) folder")
     parser.add_argument("--out", default=str(RESULTS / "report_speed.md"))
     args = parser.parse_args()
 
@@ -162,7 +167,7 @@ def main() -> None:
     ]
     if args.report:
         print("timing the full report ...", flush=True)
-        full = full_report(args.layer)
+        full = full_report(args.layer, args.report_out)
         steps = ", ".join(f"{k} {v / 60:.1f}" for k, v in full["steps"].items())
         lines += [
             "## The full single-concept report",

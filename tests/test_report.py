@@ -83,6 +83,9 @@ def test_every_method_and_section_is_there(report, model) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["hook"] == "blocks.1.hook_resid_post" and len(summary["comparison"]) == 6
     assert len(summary["findings"]) == 7 and (out / "findings.csv").stat().st_size > 0
+    steps = summary["step_seconds"]  # where the time went, step by step: they add up to the run time
+    assert list(steps) == ["interventions", "preference-utility", "manifold", "steered text", "gap", "write"]
+    assert all(v >= 0 for v in steps.values()) and sum(steps.values()) == pytest.approx(summary["runtime_s"])
     assert no_hooks_left(model)
 
 

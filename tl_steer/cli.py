@@ -121,7 +121,7 @@ def _add_report(sub: Any) -> None:
             "the capability-behaviour gap, and write report.html (figures embedded), the figures as PNG and the "
             "numbers as CSV and JSON to --out. Finished steps are cached in OUT/cache: rerun the same command "
             "after an interruption to resume. Sizes: the default takes about 10 minutes on 2 CPU cores (SFT and "
-            "SPLIT as vectors only); --full is the whole comparison (about an hour); --quick a smoke run."
+            "SPLIT as vectors only); --full is the whole comparison (about 30 minutes); --quick a smoke run."
         ),
     )
     _add_model_arguments(report, many=True)
@@ -154,7 +154,7 @@ def _add_report(sub: Any) -> None:
         "--full",
         action="store_true",
         help="the full comparison: 100 training and 40 test pairs, 2 epochs, all three SFT/SPLIT forms, all 265 "
-        "questions (about an hour on 2 CPU cores; default: 64 and 24 pairs, 1 epoch, vector forms, 64 questions, "
+        "questions (about 30 minutes on 2 CPU cores; default: 64 and 24 pairs, 1 epoch, vector forms, 64 questions, "
         "about 10 minutes)",
     )
     report.add_argument("--fresh", action="store_true", help="discard cached results in --out first")
