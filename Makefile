@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test test-tl4 fuzz lint bench clean
 
 # The main job on the default model (SmolLM2-135M-Instruct, offline): every method compared, written to
-# report/report.html, in about 10 minutes on 2 CPU cores (64 training and 24 test pairs, one epoch, SFT/SPLIT
+# report/report.html, in about 7 minutes on 2 CPU cores (64 training and 24 test pairs, one epoch, SFT/SPLIT
 # as vectors, 64 questions). `make run RUN_ARGS=--full` for the whole comparison (100 and 40 pairs, 2 epochs,
 # three forms, the adaptive forms, 265 questions, steered text: about 30 minutes), `RUN_ARGS=--quick` for a
 # smoke run of a few minutes. Finished steps are cached in report/cache, so an interrupted run resumes (use

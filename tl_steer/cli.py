@@ -120,7 +120,7 @@ def _add_report(sub: Any) -> None:
             "pairs (preference and utility log-odds), probe the distance from the clean activations, measure "
             "the capability-behaviour gap, and write report.html (figures embedded), the figures as PNG and the "
             "numbers as CSV and JSON to --out. Finished steps are cached in OUT/cache: rerun the same command "
-            "after an interruption to resume. Sizes: the default takes about 10 minutes on 2 CPU cores (SFT and "
+            "after an interruption to resume. Sizes: the default takes about 7 minutes on 2 CPU cores (SFT and "
             "SPLIT as vectors only); --full is the whole comparison (about 30 minutes); --quick a smoke run."
         ),
     )
@@ -155,7 +155,7 @@ def _add_report(sub: Any) -> None:
         action="store_true",
         help="the full comparison: 100 training and 40 test pairs, 2 epochs, all three SFT/SPLIT forms, all 265 "
         "questions (about 30 minutes on 2 CPU cores; default: 64 and 24 pairs, 1 epoch, vector forms, 64 questions, "
-        "about 10 minutes)",
+        "about 7 minutes)",
     )
     report.add_argument("--fresh", action="store_true", help="discard cached results in --out first")
     report.add_argument("--out", default="report", help="output directory (default: report)")

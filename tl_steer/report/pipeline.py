@@ -94,7 +94,7 @@ GAP_TEXT_PROMPTS, GAP_TEXT_TOKENS = 16, 32
 SCORING_BATCH = 64
 
 # The sizes of `tl-steer report`: "quick", a smoke run of a few minutes; "standard", the default, about
-# 10 minutes on 2 CPU cores (vector forms only); "full", the whole comparison (the field defaults below).
+# 7 minutes on 2 CPU cores (vector forms only); "full", the whole comparison (the field defaults below).
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {
         "n_train": 48,
