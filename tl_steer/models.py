@@ -607,6 +607,12 @@ def _move(model: Any, device: str | torch.device, dtype: torch.dtype) -> None:
         model.to(dtype)
 
 
+def weights_version(model: Any) -> int:
+    """A number that changes whenever any parameter of ``model`` is changed in place (the sum of torch's
+    per-tensor version counters): what results kept for "this model as it is now" are keyed by."""
+    return sum(p._version for p in model.parameters())
+
+
 def model_identity(model: HookedTransformer) -> dict[str, Any]:
     """What identifies a model's weights for saved objects, on either host: shape, a checksum of the
     embedding, and whether TransformerLens' weight processing was applied. The name is kept for messages.

@@ -274,16 +274,7 @@ def score_tokenized(
     """
     if reduction not in ("mean", "sum"):
         raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if from_final and forward is None:
-        n_layers = model.cfg.n_layers
-        out = torch.empty(len(data), dtype=torch.float32)
-        lengths = [len(s) for s in data.sequences]
-        for idx in batches(lengths, batch_size, max_batch_tokens(model)):
-            tokens, starts, lens = data.batch(idx, pad_token_id(model), model.cfg.device or "cpu")
-            with prompt_boundary(starts):
-                final = model(tokens, stop_at_layer=n_layers)
-            out[idx] = nll_from_final(model, final, tokens, starts, lens, reduction).detach().float().cpu()
-        return out
+    scored = from_final and forward is None
     run = forward or (lambda tokens: model(tokens, return_type="logits"))
     pad = pad_token_id(model)
     out = torch.empty(len(data), dtype=torch.float32)
@@ -291,8 +282,13 @@ def score_tokenized(
     for idx in batches(lengths, batch_size, max_batch_tokens(model)):
         tokens, starts, lens = data.batch(idx, pad, model.cfg.device or "cpu")
         with prompt_boundary(starts):
-            logits = run(tokens)
-        out[idx] = nll_from_logits(logits, tokens, starts, lens, reduction).detach().float().cpu()
+            if scored:
+                nll = nll_from_final(
+                    model, model(tokens, stop_at_layer=model.cfg.n_layers), tokens, starts, lens, reduction
+                )
+            else:
+                nll = nll_from_logits(run(tokens), tokens, starts, lens, reduction)
+        out[idx] = nll.detach().float().cpu()
     return out
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +58,7 @@ from tl_steer.errors import ConfigError
 from tl_steer.hookpoints import HookSite
 from tl_steer.hosts import Host, is_bridge
 from tl_steer.interventions import Intervention, InterventionsLike, as_intervention_list
+from tl_steer.models import weights_version
 from tl_steer.positions import prompt_boundary
 from tl_steer.prefix import reusable_start
 from tl_steer.scoring import (
@@ -292,8 +293,15 @@ class MCCleanPrefix:
         self._chunks: dict[bytes, tuple[Tensor, Tensor]] = {}
         self._version = self._weights_version()
 
+    @classmethod
+    def for_interventions(cls, model: Host, ivs: Sequence[Intervention | None]) -> MCCleanPrefix | None:
+        """One that serves every intervention of ``ivs`` (starting at their earliest :func:`restart_layer`;
+        ``None`` entries are unsteered conditions), or None when there is none."""
+        layers = [restart_layer(iv, model.cfg.n_layers) for iv in ivs if iv is not None]
+        return cls(model, min(layers)) if layers else None
+
     def _weights_version(self) -> int:
-        return sum(p._version for p in self.model.parameters())
+        return weights_version(self.model)
 
     def applies(self, model: Host, ivs: Sequence[Intervention]) -> bool:
         """Whether scoring ``model`` under ``ivs`` may restart at :attr:`start`: the same model, a restart
@@ -320,16 +328,40 @@ class MCCleanPrefix:
             t.cpu().numpy().tobytes() + str(tuple(t.shape)).encode() for t in (head, head_mask, owner, tokens)
         )
         if key not in self._chunks:
-            model = self.model
-            cache = _kv_cache(model, head.shape[0])
             # no position policy reads these blocks: the steering hooks sit at ``start`` or later
-            resid_q = model(head, past_kv_cache=cache, attention_mask=head_mask, stop_at_layer=self.start)
-            cache = _expand_cache(cache, owner)
-            resid_o = model(
-                tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), stop_at_layer=self.start
-            )
-            self._chunks[key] = (resid_q, resid_o)
+            self._chunks[key] = _cached_passes(self.model, head, head_mask, owner, tokens, stop=self.start)
         return self._chunks[key]
+
+
+def _cached_passes(
+    model: Host,
+    head: Tensor,
+    head_mask: Int[Tensor, "q width"],
+    owner: Int[Tensor, " rows"],
+    tail: Tensor,
+    *,
+    stop: int,
+    start: int | None = None,
+    boundaries: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The two passes of :func:`_shared_prefix_nll` on a HookedTransformer, up to block ``stop``: the
+    questions ``head`` (tokens, or with ``start`` their residual entering that block) on a fresh KV cache,
+    then the options ``tail`` on top of it, one cache row per option (``owner``). Returns both passes'
+    outputs. ``boundaries`` declares the prompt boundary of each pass for position policies."""
+    cache = _kv_cache(model, head.shape[0])
+    out: list[Tensor] = []
+    for x, mask, rows in ((head, head_mask, None), (tail, torch.ones(tail.shape[:2], dtype=torch.long), owner)):
+        if rows is not None:
+            cache = _expand_cache(cache, rows)
+        mask = mask.to(x.device)
+        kwargs: dict[str, Any] = {"past_kv_cache": cache, "stop_at_layer": stop}
+        if start is None:
+            kwargs["attention_mask"] = mask
+        else:  # the mask a pass from the embedding would give its blocks (input_to_embed appends it)
+            kwargs |= {"start_at_layer": start, "attention_mask": cache.append_attention_mask(mask)}
+        with prompt_boundary(boundaries[len(out)]) if boundaries is not None else nullcontext():
+            out.append(model(x, **kwargs))
+    return out[0], out[1]
 
 
 def _shared_prefix_nll(
@@ -391,40 +423,16 @@ def _shared_prefix_nll(
             logprobs = _bridge_shared_logprobs(
                 model, head, head_mask, cs, owner_t, tokens, (head_boundary, boundary), sel_rows, sel_cols
             )
-        elif clean is not None:
-            # the clean blocks before ``clean.start`` ran once for these items: only the blocks from there run
-            resid_q, resid_o = clean.residuals(head, head_mask, owner_t, tokens)
-            cache = _kv_cache(model, len(chunk))
-            with prompt_boundary(head_boundary):
-                # the mask a pass from the embedding would give its blocks (input_to_embed appends it)
-                mask = cache.append_attention_mask(head_mask)
-                model(
-                    resid_q,
-                    start_at_layer=clean.start,
-                    past_kv_cache=cache,
-                    attention_mask=mask,
-                    stop_at_layer=n_layers,
-                )
-            cache = _expand_cache(cache, owner_t)
-            with prompt_boundary(boundary):
-                mask = cache.append_attention_mask(torch.ones_like(tokens))
-                final = model(
-                    resid_o,
-                    start_at_layer=clean.start,
-                    past_kv_cache=cache,
-                    attention_mask=mask,
-                    stop_at_layer=n_layers,
-                )
-            logprobs = final_logprobs(model, final, sel_rows, sel_cols)
         else:
-            cache = _kv_cache(model, len(chunk))
-            with prompt_boundary(head_boundary):
-                model(head, past_kv_cache=cache, attention_mask=head_mask, stop_at_layer=n_layers)
-            cache = _expand_cache(cache, owner_t)
-            with prompt_boundary(boundary):
-                final = model(
-                    tokens, past_kv_cache=cache, attention_mask=torch.ones_like(tokens), stop_at_layer=n_layers
+            bounds = (head_boundary, boundary)
+            if clean is not None:
+                # the clean blocks before ``clean.start`` ran once for these items: only the blocks from there run
+                resid_q, resid_o = clean.residuals(head, head_mask, owner_t, tokens)
+                _, final = _cached_passes(
+                    model, resid_q, head_mask, owner_t, resid_o, stop=n_layers, start=clean.start, boundaries=bounds
                 )
+            else:
+                _, final = _cached_passes(model, head, head_mask, owner_t, tokens, stop=n_layers, boundaries=bounds)
             logprobs = final_logprobs(model, final, sel_rows, sel_cols)
         token_lp = logprobs.gather(-1, torch.as_tensor(target, device=logprobs.device)[:, None])[:, 0].cpu()
         index = torch.as_tensor(which, dtype=torch.long)

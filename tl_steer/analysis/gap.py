@@ -34,7 +34,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from tl_steer.analysis.ab import ab_scores
-from tl_steer.analysis.capability import MCCleanPrefix, mc_accuracy, restart_layer
+from tl_steer.analysis.capability import MCCleanPrefix, mc_accuracy
 from tl_steer.analysis.plots import _pyplot, finish_figure
 from tl_steer.analysis.preference_utility import preference_utility
 from tl_steer.analysis.stats import bootstrap_ci
@@ -397,8 +397,7 @@ def capability_behavior_gap(
             own = [m for m in own if m != 0.0]
         grids[c.name] = own if c.steers else [0.0]
     if clean_prefix is None:
-        firsts = [restart_layer(c.intervention, model.cfg.n_layers) for c in conds if c.intervention is not None]
-        clean_prefix = MCCleanPrefix(model, min(firsts)) if firsts else None
+        clean_prefix = MCCleanPrefix.for_interventions(model, [c.intervention for c in conds])
     frames = []
     jobs = [(c, m) for c in conds for m in grids[c.name]]
     bar = tqdm(jobs, desc="capability-behaviour gap", disable=not progress)

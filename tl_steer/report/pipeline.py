@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from tl_steer.analysis.capability import MCCleanPrefix, restart_layer
+from tl_steer.analysis.capability import MCCleanPrefix
 from tl_steer.analysis.gap import BASELINE, Condition, GapResult, capability_behavior_gap
 from tl_steer.analysis.generation_sweep import GenerationSweepResult, TextBehavior
 from tl_steer.analysis.manifold import ManifoldProbe
@@ -489,8 +489,7 @@ def _gap(
         return TextBehavior(shown, judge, max_new_tokens=GAP_TEXT_TOKENS, known=texts)
 
     # the clean blocks before the steered layer, run once for every condition's multiple-choice scoring
-    firsts = [restart_layer(c.intervention, model.cfg.n_layers) for c in conditions if c.intervention is not None]
-    clean = MCCleanPrefix(model, min(firsts)) if firsts else None
+    clean = MCCleanPrefix.for_interventions(model, [c.intervention for c in conditions])
     for c in conditions:
         # one cache entry per strength, so that a rerun with more strengths computes only the new ones
         for m in c.ms or (0.0,):

@@ -56,7 +56,7 @@ from tl_steer.methods.cold.blocks import (
     parameters_before,
 )
 from tl_steer.methods.cold.examples import _check_positive_finite
-from tl_steer.models import model_identity
+from tl_steer.models import model_identity, weights_version
 from tl_steer.positions import PositionsLike, PositionState, steer_mask
 
 
@@ -415,7 +415,7 @@ class ColdFD(Intervention):
         eps, the input of block 0, the padding mask, and for "fd" the clean activation at the hook; as a
         digest."""
         digest = hashlib.blake2b(digest_size=20)
-        version = sum(p._version for p in model.parameters())
+        version = weights_version(model)
         digest.update(f"{id(model)}|{version}|{method}|{self.eta!r}|{self.eps!r}".encode())
         for t in (resid0, key_mask, activation):
             if t is None:
